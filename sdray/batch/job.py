@@ -1,0 +1,416 @@
+"""An offline job: prompt table in, images, metadata shards and manifest.json out."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import platform
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from importlib import metadata as importlib_metadata
+from typing import Any
+
+from sdray.batch.read import read_prompts
+from sdray.batch.sink import IMAGES_DIR, METADATA_DIR, ImageDatasink
+from sdray.batch.stages import EncodeStage, GenerateStage, PrepareStage
+from sdray.config import SdrayConfig
+from sdray.errors import InputError, SdrayError
+from sdray.models import model_hash, resolve_model
+from sdray.requests import BATCH_KEY_COLUMN
+from sdray.storage import filesystem, is_nonempty, join, write_bytes_atomic
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+OWNED_PATHS = (METADATA_DIR, IMAGES_DIR, MANIFEST)
+
+
+@dataclass
+class JobSummary:
+    """What a finished job did."""
+
+    output_uri: str
+    rows: int
+    ok: int
+    error: int
+    wall_seconds: float
+    images_per_second: float
+    manifest: dict[str, Any]
+
+    def line(self) -> str:
+        return (
+            f"{self.ok} images ok, {self.error} rows in error, "
+            f"{self.images_per_second:.2f} images/s, {self.wall_seconds:.1f}s; "
+            f"output: {self.output_uri} (metadata in {METADATA_DIR}/, {MANIFEST})"
+        )
+
+
+def ensure_ray() -> None:
+    """Connect to the cluster in RAY_ADDRESS, or start a local one, once per process."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(logging_level=logging.WARNING, log_to_driver=True, include_dashboard=False)
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in ("sdray", "ray", "torch", "diffusers", "transformers", "pyarrow", "fsspec"):
+        try:
+            versions[name] = importlib_metadata.version(name)
+        except importlib_metadata.PackageNotFoundError:
+            versions[name] = "unknown"
+    return versions
+
+
+def model_identity(config: SdrayConfig) -> dict[str, str]:
+    """The model's source, display name and content hash, checked before any actor starts."""
+    files = resolve_model(
+        config.model.source,
+        cache_dir=config.model.cache_dir,
+        allow_pickle=config.model.allow_pickle,
+        storage_options=config.storage.storage_options,
+    )
+    return {"source": files.source, "name": files.name, "sha256": model_hash(files.directory)}
+
+
+def fingerprint_parts(config: SdrayConfig, model: dict[str, str]) -> dict[str, Any]:
+    """What must not change between a run and its resume: generation settings, model, format."""
+    return {
+        "model": model["sha256"],
+        "generation": config.generation.model_dump(mode="json"),
+        "output": config.output.model_dump(mode="json", exclude={"rows_per_shard"}),
+    }
+
+
+def fingerprint(parts: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def _changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    changes = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            changes += _changes(a, b, f"{prefix}{key}.")
+        elif a != b:
+            changes.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return changes
+
+
+def _redacted(config: SdrayConfig) -> dict[str, Any]:
+    data = config.model_dump(mode="json")
+    data["storage"]["storage_options"] = {key: "***" for key in config.storage.storage_options}
+    return data
+
+
+def _read_manifest(fs, root: str) -> dict[str, Any] | None:
+    path = join(root, MANIFEST)
+    if not fs.exists(path):
+        return None
+    with fs.open(path, "rb") as handle:
+        return json.loads(handle.read())
+
+
+def prepare_output(
+    output_uri: str,
+    *,
+    overwrite: bool = False,
+    resume: bool = False,
+    extra_owned: tuple[str, ...] = (),
+    storage_options: dict[str, Any] | None = None,
+) -> dict[str, Any] | None:
+    """Refuse a non-empty output unless told what to do; return the manifest to resume from.
+
+    `extra_owned` names more top-level entries a caller (a sweep) writes there: they are removed
+    on overwrite, and do not count as "non-empty" on their own.
+    """
+    fs, root = filesystem(output_uri, storage_options)
+    owned = (*OWNED_PATHS, *extra_owned)
+    if not is_nonempty(fs, root):
+        return None
+    if resume:
+        previous = _read_manifest(fs, root)
+        if previous is None:
+            raise SdrayError(
+                f"cannot resume: output {output_uri!r} has no {MANIFEST}, so it is not an "
+                "sdray output (or its run never started)"
+            )
+        return previous
+    entries = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)]
+    if not overwrite and any(e not in extra_owned for e in entries):
+        raise SdrayError(
+            f"output {output_uri!r} is not empty. Pass --overwrite to replace what sdray wrote "
+            "there, or --resume to continue an interrupted run."
+        )
+    if overwrite:
+        for name in owned:
+            path = join(root, name)
+            if fs.exists(path):
+                fs.rm(path, recursive=True)
+    return None
+
+
+def _check_resumable(previous: dict[str, Any], parts: dict[str, Any], output_uri: str) -> None:
+    old = previous.get("fingerprint_parts") or {}
+    changes = _changes(old, parts)
+    if changes:
+        raise SdrayError(
+            f"cannot resume {output_uri!r}: the run there used other settings ("
+            + "; ".join(changes)
+            + "). Resume with the same config and model, or start over with --overwrite."
+        )
+
+
+def _read_metadata(output_uri: str, columns: list[str], storage: dict[str, Any]):
+    import ray
+
+    fs, root = filesystem(output_uri, storage)
+    path = join(root, METADATA_DIR)
+    if not fs.exists(path) or not fs.find(path):
+        return None
+    return ray.data.read_parquet(
+        join(output_uri, METADATA_DIR),
+        columns=columns,
+        filesystem=fs,
+        file_extensions=["parquet"],
+    )
+
+
+def _unwrap(error: BaseException) -> BaseException:
+    """Find an sdray error inside the exceptions Ray wraps around task failures."""
+    seen = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, SdrayError):
+            return current
+        cause = getattr(current, "cause", None)
+        current = cause if isinstance(cause, BaseException) else current.__cause__
+    return error
+
+
+def _actor_resources(config: SdrayConfig) -> dict[str, float]:
+    import ray
+
+    device = config.model.device
+    if device == "auto":
+        device = "cuda" if ray.cluster_resources().get("GPU", 0) > 0 else "cpu"
+    if device == "cuda":
+        return {"num_gpus": config.batch.num_gpus_per_actor, "num_cpus": 1}
+    return {"num_cpus": config.batch.num_cpus_per_actor}
+
+
+def _say(message: str) -> None:
+    print(f"sdray: {message}", file=sys.stderr, flush=True)
+
+
+def _configure_progress(progress: bool) -> None:
+    """Ray Data's progress bars on a terminal; elsewhere only sdray's own phase lines."""
+    from ray.data import DataContext
+
+    context = DataContext.get_current()
+    interactive = progress and sys.stderr.isatty()
+    if not interactive:
+        logging.getLogger("ray.data").setLevel(logging.ERROR)
+    context.enable_progress_bars = interactive
+    context.enable_operator_progress_bars = False
+    context.print_on_execution_start = False
+    context.enable_auto_log_stats = False
+
+
+def _partitions_for(rows: int) -> int:
+    return max(1, min(64, rows // 100_000 + 1))
+
+
+def _duplicate_ids(prepared, rows: int, limit: int = 10) -> list[str]:
+    from ray.data.expressions import col
+
+    counts = prepared.groupby("id", num_partitions=_partitions_for(rows)).count()
+    dupes = counts.filter(expr=col("count()") > 1).take(limit)
+    return [row["id"] for row in dupes]
+
+
+def _status_counts(prepared) -> dict[str, int]:
+    grouped = prepared.groupby("status", num_partitions=1).count()
+    return {row["status"]: row["count()"] for row in grouped.take_all()}
+
+
+def run_generate(
+    input_uri: str,
+    output_uri: str,
+    config: SdrayConfig,
+    *,
+    overwrite: bool = False,
+    resume: bool = False,
+    progress: bool = True,
+    extra_owned: tuple[str, ...] = (),
+) -> JobSummary:
+    """Run an offline generation job end to end; the CLI, pipelines/ and sweeps all call this."""
+    from ray.data import ActorPoolStrategy
+
+    started = time.perf_counter()
+    storage = config.storage.storage_options
+    fs, root = filesystem(output_uri, storage)
+    previous = prepare_output(
+        output_uri,
+        overwrite=overwrite,
+        resume=resume,
+        extra_owned=extra_owned,
+        storage_options=storage,
+    )
+    for column in config.output.partition_by:
+        if column in ("id", "image_path", "sha256", "error"):
+            raise SdrayError(f"output.partition_by: cannot partition by {column!r}")
+    model = model_identity(config)
+    parts = fingerprint_parts(config, model)
+    if previous is not None:
+        _check_resumable(previous, parts, output_uri)
+
+    ensure_ray()
+    _configure_progress(progress)
+    say = _say if progress else (lambda message: None)
+    say(f"reading and validating {input_uri}")
+
+    # Plan: read, validate and materialize the prepared table (in the object store, not here).
+    try:
+        prepared = (
+            read_prompts(input_uri, storage)
+            .map_batches(PrepareStage(config.generation), batch_format="pyarrow", num_cpus=0.25)
+            .materialize()
+        )
+    except Exception as error:
+        raise _unwrap(error) from None
+    missing_partitions = [c for c in config.output.partition_by if c not in prepared.columns()]
+    if missing_partitions:
+        raise SdrayError(
+            f"output.partition_by names columns the table does not have: {', '.join(missing_partitions)}"
+        )
+    status = _status_counts(prepared)
+    total = sum(status.values())
+    if total == 0:
+        raise InputError(f"input {input_uri!r} holds no rows")
+    duplicates = _duplicate_ids(prepared, total)
+    if duplicates:
+        raise InputError(
+            f"duplicate ids in the prompt table (each id must be unique): {', '.join(map(repr, duplicates))}"
+        )
+    invalid = status.get("error", 0)
+    if invalid / total > config.batch.max_error_fraction:
+        raise InputError(
+            f"{invalid} of {total} rows are invalid, above batch.max_error_fraction="
+            f"{config.batch.max_error_fraction}; see the messages by running with a higher limit"
+        )
+
+    todo, todo_rows = prepared, total
+    committed = _read_metadata(output_uri, ["id"], storage) if previous is not None else None
+    if committed is not None:
+        # Partition-wise anti-join: no process ever holds every committed id.
+        todo = prepared.join(
+            committed, "left_anti", _partitions_for(total), on=("id",)
+        ).materialize()
+        todo_rows = todo.count()
+    if config.batch.sort_by_shape and todo_rows:
+        todo = todo.sort(BATCH_KEY_COLUMN)
+    plan_seconds = time.perf_counter() - started
+    done = f", {total - todo_rows} already committed" if previous else ""
+    say(
+        f"{total} rows ({invalid} invalid){done}; "
+        f"generating {todo_rows} with up to {config.batch.max_actors} model actors"
+    )
+    manifest: dict[str, Any] = {
+        "sdray_version": package_versions()["sdray"],
+        "created": (previous or {}).get("created") or datetime.now(timezone.utc).isoformat(),
+        "resumed": previous is not None,
+        "status": "running",
+        "input": input_uri,
+        "output": output_uri,
+        "config": _redacted(config),
+        "versions": package_versions(),
+        "model": model,
+        "fingerprint": fingerprint(parts),
+        "fingerprint_parts": parts,
+    }
+    write_bytes_atomic(fs, join(root, MANIFEST), json.dumps(manifest, indent=2).encode())
+
+    # Generate: spread the rows so every actor has work, then model actors, then CPU encoding.
+    batch = config.batch
+    rows_per_block = max(
+        1, min(batch.batch_size * 8, math.ceil(todo_rows / (2 * batch.max_actors)))
+    )
+    sink = ImageDatasink(
+        output_uri,
+        output_format=config.output.format,
+        image_format=config.output.image_format,
+        rows_per_shard=config.output.rows_per_shard,
+        partition_by=config.output.partition_by,
+        run_id=uuid.uuid4().hex[:8],
+        storage_options=storage,
+    )
+    generate_started = time.perf_counter()
+    try:
+        if todo_rows:
+            (
+                todo.repartition(target_num_rows_per_block=rows_per_block)
+                .map_batches(
+                    GenerateStage,
+                    fn_constructor_kwargs={
+                        "model": config.model,
+                        "model_name": model["name"],
+                        "batch_size": batch.batch_size,
+                        "torch_threads": batch.torch_threads,
+                        "storage_options": storage,
+                    },
+                    batch_size=batch.batch_size,
+                    batch_format="pyarrow",
+                    compute=ActorPoolStrategy(min_size=batch.min_actors, max_size=batch.max_actors),
+                    **_actor_resources(config),
+                )
+                .map_batches(EncodeStage(config.output), batch_format="pyarrow", num_cpus=0.25)
+                .write_datasink(sink, ray_remote_args={"num_cpus": 0.25})
+            )
+    except Exception as error:
+        raise _unwrap(error) from None
+    generate_seconds = time.perf_counter() - generate_started
+
+    generated = sum(s["ok"] for s in sink.shards)
+    counts = (
+        _status_counts(_read_metadata(output_uri, ["status"], storage))
+        if previous
+        else {"ok": generated, "error": sum(s["error"] for s in sink.shards)}
+    )
+    ok, errors = counts.get("ok", 0), counts.get("error", 0)
+    wall = time.perf_counter() - started
+    rate = generated / generate_seconds if generate_seconds and generated else 0.0
+    manifest.update(
+        status="complete",
+        finished=datetime.now(timezone.utc).isoformat(),
+        counts={"rows": ok + errors, "ok": ok, "error": errors, "generated_this_run": generated},
+        shards=len(sink.shards),
+        timings={
+            "plan_s": round(plan_seconds, 3),
+            "generate_s": round(generate_seconds, 3),
+            "wall_s": round(wall, 3),
+        },
+        throughput={"images_per_s": round(rate, 4)},
+    )
+    write_bytes_atomic(fs, join(root, MANIFEST), json.dumps(manifest, indent=2).encode())
+    if ok + errors != total:
+        raise SdrayError(
+            f"the output holds {ok + errors} metadata rows for {total} input rows; "
+            "run again with --resume to complete it"
+        )
+    return JobSummary(
+        output_uri=output_uri,
+        rows=total,
+        ok=ok,
+        error=errors,
+        wall_seconds=wall,
+        images_per_second=rate,
+        manifest=manifest,
+    )

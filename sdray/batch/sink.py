@@ -1,0 +1,229 @@
+"""Writing results: one Ray Datasink, with interchangeable image writers behind one interface.
+
+A shard is `rows_per_shard` rows. Its images are written first, its metadata Parquet file last
+and atomically: a shard is committed exactly when its metadata file exists.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+import urllib.parse
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from ray.data import Datasink
+from ray.data.block import Block, BlockAccessor
+
+from sdray.batch.stages import IMAGE_COLUMN
+from sdray.images import EXTENSIONS
+from sdray.requests import PREPARED_SCHEMA
+from sdray.storage import filesystem, join, write_bytes_atomic
+
+METADATA_DIR = "metadata"
+IMAGES_DIR = "images"
+HIVE_NULL = "__HIVE_DEFAULT_PARTITION__"
+LEADING_COLUMNS = [f.name for f in PREPARED_SCHEMA if f.name not in ("status", "error")] + [
+    "model",
+    "status",
+    "error",
+    "truncated",
+    "image_path",
+    "sha256",
+]
+
+
+def sample_key(row_id: str) -> str:
+    """The file-safe name of a row's image: a hash of its id, never the raw id."""
+    return hashlib.sha256(row_id.encode()).hexdigest()[:32]
+
+
+@dataclass
+class ShardImages:
+    """Images of one shard to store: keys, encoded bytes (None for error rows), metadata rows."""
+
+    keys: list[str]
+    images: list[bytes | None]
+    rows: list[dict[str, Any]] = field(default_factory=list)
+
+
+class FilesWriter:
+    """`files`: one object per image, `images/<partition>/<shard>/<key>.<ext>`."""
+
+    def __init__(self, extension: str) -> None:
+        self.extension = extension
+
+    def write(
+        self, fs, root: str, directory: str, shard: str, batch: ShardImages
+    ) -> list[str | None]:
+        paths: list[str | None] = []
+        for key, data in zip(batch.keys, batch.images, strict=True):
+            if data is None:
+                paths.append(None)
+                continue
+            relative = f"{directory}{shard}/{key}.{self.extension}"
+            write_bytes_atomic(fs, join(root, relative), data)
+            paths.append(relative)
+        return paths
+
+
+class WebDatasetWriter:
+    """`webdataset`: one tar per shard; each sample is `<key>.<ext>` with `<key>.json` beside it."""
+
+    def __init__(self, extension: str) -> None:
+        self.extension = extension
+
+    def write(
+        self, fs, root: str, directory: str, shard: str, batch: ShardImages
+    ) -> list[str | None]:
+        relative = f"{directory}{shard}.tar"
+        buffer = io.BytesIO()
+        paths: list[str | None] = []
+        with tarfile.open(fileobj=buffer, mode="w") as tar:
+            for key, data, row in zip(batch.keys, batch.images, batch.rows, strict=True):
+                if data is None:
+                    paths.append(None)
+                    continue
+                member = f"{key}.{self.extension}"
+                sidecar = json.dumps(row, default=str).encode()
+                for name, payload in ((member, data), (f"{key}.json", sidecar)):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(payload)
+                    tar.addfile(info, io.BytesIO(payload))
+                paths.append(f"{relative}#{member}")
+        if any(p is not None for p in paths):
+            write_bytes_atomic(fs, join(root, relative), buffer.getvalue())
+        return paths
+
+
+class ParquetImageWriter:
+    """`parquet`: one Parquet file per shard with the encoded image bytes in column `image`."""
+
+    def __init__(self, extension: str) -> None:
+        self.extension = extension
+
+    def write(
+        self, fs, root: str, directory: str, shard: str, batch: ShardImages
+    ) -> list[str | None]:
+        relative = f"{directory}{shard}.parquet"
+        present = [
+            (k, d, r)
+            for k, d, r in zip(batch.keys, batch.images, batch.rows, strict=True)
+            if d is not None
+        ]
+        if present:
+            table = pa.table(
+                {
+                    "id": pa.array([r["id"] for _, _, r in present], pa.string()),
+                    "key": pa.array([k for k, _, _ in present], pa.string()),
+                    "image": pa.array([d for _, d, _ in present], pa.binary()),
+                }
+            )
+            write_bytes_atomic(fs, join(root, relative), _parquet_bytes(table))
+        return [
+            f"{relative}#{key}" if data is not None else None
+            for key, data in zip(batch.keys, batch.images, strict=True)
+        ]
+
+
+WRITERS = {"files": FilesWriter, "webdataset": WebDatasetWriter, "parquet": ParquetImageWriter}
+
+
+def _parquet_bytes(table: pa.Table) -> bytes:
+    sink = io.BytesIO()
+    pq.write_table(table, sink, compression="zstd")
+    return sink.getvalue()
+
+
+def _partition_dir(columns: list[str], values: tuple) -> str:
+    parts = [
+        f"{name}={HIVE_NULL if value is None else urllib.parse.quote(str(value), safe='')}"
+        for name, value in zip(columns, values, strict=True)
+    ]
+    return "".join(p + "/" for p in parts)
+
+
+class ImageDatasink(Datasink):
+    """Writes images (through the configured writer) and metadata shards under OUTPUT."""
+
+    def __init__(
+        self,
+        output_uri: str,
+        *,
+        output_format: str,
+        image_format: str,
+        rows_per_shard: int,
+        partition_by: list[str],
+        run_id: str,
+        storage_options: dict[str, Any] | None = None,
+    ) -> None:
+        self.output_uri = output_uri
+        self.output_format = output_format
+        self.extension = EXTENSIONS[image_format]
+        self.rows_per_shard = rows_per_shard
+        self.partition_by = list(partition_by)
+        self.run_id = run_id
+        self.storage_options = storage_options
+        self.shards: list[dict[str, Any]] = []
+
+    @property
+    def min_rows_per_write(self) -> int:
+        return self.rows_per_shard
+
+    def write(self, blocks: Iterable[Block], ctx) -> list[dict[str, Any]]:
+        tables = [BlockAccessor.for_block(b).to_arrow() for b in blocks]
+        tables = [t for t in tables if t.num_rows]
+        if not tables:
+            return []
+        table = pa.concat_tables(tables, promote_options="default")
+        fs, root = filesystem(self.output_uri, self.storage_options)
+        writer = WRITERS[self.output_format](self.extension)
+        stats = []
+        for values, part in self._partitions(table):
+            directory = _partition_dir(self.partition_by, values)
+            for start in range(0, part.num_rows, self.rows_per_shard):
+                chunk = part.slice(start, self.rows_per_shard)
+                shard = f"part-{self.run_id}-{ctx.task_idx:05d}-{len(stats):04d}"
+                stats.append(self._write_shard(fs, root, writer, directory, shard, chunk))
+        return stats
+
+    def _partitions(self, table: pa.Table):
+        if not self.partition_by:
+            yield (), table
+            return
+        keys = table.select(self.partition_by).to_pylist()
+        groups: dict[tuple, list[int]] = {}
+        for index, key in enumerate(keys):
+            groups.setdefault(tuple(key[c] for c in self.partition_by), []).append(index)
+        for values, indices in groups.items():
+            yield values, table.take(pa.array(indices))
+
+    def _write_shard(self, fs, root, writer, directory: str, shard: str, chunk: pa.Table) -> dict:
+        metadata = chunk.drop_columns([c for c in chunk.column_names if c.startswith("__sdray")])
+        rows = metadata.to_pylist()
+        keys = [sample_key(r["id"]) for r in rows]
+        images = chunk.column(IMAGE_COLUMN).to_pylist()
+        paths = writer.write(
+            fs, root, f"{IMAGES_DIR}/{directory}", shard, ShardImages(keys, images, rows)
+        )
+        metadata = metadata.append_column("image_path", pa.array(paths, pa.string()))
+        ordered = [c for c in LEADING_COLUMNS if c in metadata.column_names]
+        ordered += [c for c in metadata.column_names if c not in ordered]
+        metadata = metadata.select([c for c in ordered if c not in self.partition_by])
+        relative = f"{METADATA_DIR}/{directory}{shard}.parquet"
+        write_bytes_atomic(fs, join(root, relative), _parquet_bytes(metadata))  # the commit
+        status = [r["status"] for r in rows]
+        return {
+            "shard": relative,
+            "rows": len(rows),
+            "ok": sum(s == "ok" for s in status),
+            "error": sum(s != "ok" for s in status),
+        }
+
+    def on_write_complete(self, write_result) -> None:
+        self.shards = [s for task in write_result.write_returns for s in task]

@@ -1,0 +1,139 @@
+"""Pipeline stages: prepare (validate) -> generate (model actor) -> encode (CPU).
+
+Each stage is a callable over a pyarrow batch that checks its input columns, adds its own, and
+carries every other column through, so no row is ever lost on the way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from typing import Any
+
+import pyarrow as pa
+
+from sdray.config import GenerationConfig, ModelConfig, OutputConfig
+from sdray.requests import PREPARED_SCHEMA, prepare_table, request_from_row
+
+log = logging.getLogger(__name__)
+
+PIXELS_COLUMN = "__sdray_pixels"
+IMAGE_COLUMN = "__sdray_image"
+
+
+def require_columns(batch: pa.Table, names: list[str] | tuple[str, ...], stage: str) -> None:
+    """Raise a ValueError naming the columns a stage needs and did not get."""
+    missing = [n for n in names if n not in batch.column_names]
+    if missing:
+        raise ValueError(f"{stage}: missing input columns {', '.join(missing)}")
+
+
+def _set_column(table: pa.Table, name: str, values: pa.Array | list, type_=None) -> pa.Table:
+    array = values if isinstance(values, (pa.Array, pa.ChunkedArray)) else pa.array(values, type_)
+    if name in table.column_names:
+        return table.set_column(table.column_names.index(name), name, array)
+    return table.append_column(name, array)
+
+
+class PrepareStage:
+    """Validate rows, fill defaults, derive ids and seeds; bad rows become error rows."""
+
+    def __init__(self, generation: GenerationConfig) -> None:
+        self.generation = generation
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        require_columns(batch, ["prompt"], "prepare")
+        return prepare_table(batch, self.generation)
+
+
+class GenerateStage:
+    """Model actor: loads the engine once, then turns ok rows into raw pixels."""
+
+    def __init__(
+        self,
+        model: ModelConfig,
+        model_name: str,
+        batch_size: int,
+        torch_threads: int | None = None,
+        storage_options: dict[str, Any] | None = None,
+    ) -> None:
+        from sdray.engine import DiffusionEngine
+
+        started = time.perf_counter()
+        self.engine = DiffusionEngine.from_config(
+            model,
+            max_batch_size=batch_size,
+            torch_threads=torch_threads,
+            storage_options=storage_options,
+        )
+        self.model_name = model_name
+        log.info("model actor ready in %.1fs", time.perf_counter() - started)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        require_columns(batch, [f.name for f in PREPARED_SCHEMA], "generate")
+        rows = batch.select([f.name for f in PREPARED_SCHEMA]).to_pylist()
+        status = [r["status"] for r in rows]
+        errors = [r["error"] for r in rows]
+        pixels: list[bytes | None] = [None] * len(rows)
+        truncated: list[bool | None] = [None] * len(rows)
+        todo = [i for i, r in enumerate(rows) if r["status"] == "ok"]
+        requests = [request_from_row(rows[i]) for i in todo]
+        for index, result in zip(todo, self._generate(requests), strict=True):
+            truncated[index] = result.truncated
+            if result.error is None:
+                pixels[index] = result.image.tobytes()
+            else:
+                status[index], errors[index] = "error", result.error
+        batch = _set_column(batch, "model", [self.model_name] * len(rows), pa.string())
+        batch = _set_column(batch, "status", status, pa.string())
+        batch = _set_column(batch, "error", errors, pa.string())
+        batch = _set_column(batch, "truncated", truncated, pa.bool_())
+        return _set_column(batch, PIXELS_COLUMN, pixels, pa.binary())
+
+    def _generate(self, requests):
+        """Generate; if a whole batch raises, retry row by row so one bad row fails alone."""
+        from sdray.engine import GenerationResult
+
+        if not requests:
+            return []
+        try:
+            return self.engine.generate(requests)
+        except Exception as error:  # noqa: BLE001 - becomes row data, the job goes on
+            if len(requests) == 1:
+                log.warning("row %s failed: %s", requests[0].id, error)
+                message = f"generation failed: {type(error).__name__}: {error}"
+                return [GenerationResult(requests[0], None, False, message)]
+            return [result for request in requests for result in self._generate([request])]
+
+
+class EncodeStage:
+    """CPU stage: raw pixels -> PNG/JPEG/WebP bytes with embedded parameters, plus sha256."""
+
+    def __init__(self, output: OutputConfig) -> None:
+        self.image_format = output.image_format
+        self.quality = output.jpeg_quality
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        import numpy as np
+
+        from sdray.images import encode_image, infotext
+
+        needed = [f.name for f in PREPARED_SCHEMA] + ["model", PIXELS_COLUMN]
+        require_columns(batch, needed, "encode")
+        rows = batch.select(needed).to_pylist()
+        encoded: list[bytes | None] = []
+        digests: list[str | None] = []
+        for row in rows:
+            raw = row[PIXELS_COLUMN]
+            if raw is None:
+                encoded.append(None)
+                digests.append(None)
+                continue
+            pixels = np.frombuffer(raw, np.uint8).reshape(row["height"], row["width"], 3)
+            data = encode_image(pixels, self.image_format, infotext(row), self.quality)
+            encoded.append(data)
+            digests.append(hashlib.sha256(data).hexdigest())
+        batch = batch.drop_columns([PIXELS_COLUMN])
+        batch = _set_column(batch, IMAGE_COLUMN, encoded, pa.binary())
+        return _set_column(batch, "sha256", digests, pa.string())

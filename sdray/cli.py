@@ -1,0 +1,136 @@
+"""`sdray generate | sweep | serve | bench`: thin wrappers over the library functions."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import traceback
+
+from sdray.errors import SdrayError
+
+
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML config file (default: the embedded CPU config)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY.PATH=VALUE",
+        help="override one config value, e.g. --set generation.steps=30 (repeatable)",
+    )
+
+
+def _add_run_mode_args(parser: argparse.ArgumentParser) -> None:
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--resume", action="store_true", help="skip rows already committed")
+    mode.add_argument("--overwrite", action="store_true", help="replace an existing output")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sdray", description=__doc__)
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on failure")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    generate = commands.add_parser("generate", help="run an offline generation job")
+    generate.add_argument("--input", required=True, help="prompt table: Parquet/CSV/JSONL URI")
+    generate.add_argument("--output", required=True, help="output directory URI")
+    _add_config_args(generate)
+    _add_run_mode_args(generate)
+    generate.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+    sweep = commands.add_parser("sweep", help="expand a sweep spec and generate it")
+    sweep.add_argument("spec", help="sweep spec YAML")
+    sweep.add_argument("--output", required=True, help="output directory URI")
+    _add_config_args(sweep)
+    _add_run_mode_args(sweep)
+
+    serve = commands.add_parser("serve", help="serve the engine over HTTP with Ray Serve")
+    _add_config_args(serve)
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+
+    bench = commands.add_parser("bench", help="compare a plain diffusers loop, the engine and Ray")
+    _add_config_args(bench)
+    bench.add_argument("--rows", type=int, default=64, help="images per measured run")
+    bench.add_argument("--skip-ray", action="store_true", help="measure in-process only")
+    return parser
+
+
+def _generate(args) -> int:
+    from sdray.batch import run_generate
+    from sdray.config import load_config
+
+    config = load_config(args.config, args.overrides)
+    summary = run_generate(
+        args.input,
+        args.output,
+        config,
+        overwrite=args.overwrite,
+        resume=args.resume,
+        progress=not args.no_progress,
+    )
+    print(summary.line())
+    return 0
+
+
+def _sweep(args) -> int:
+    from sdray.config import load_config
+    from sdray.sweep import run_sweep
+
+    config = load_config(args.config, args.overrides)
+    summary = run_sweep(
+        args.spec, args.output, config, overwrite=args.overwrite, resume=args.resume
+    )
+    print(summary.line())
+    return 0
+
+
+def _serve(args) -> int:
+    from sdray.config import load_config
+    from sdray.serve import run_server
+
+    config = load_config(args.config, args.overrides)
+    run_server(config, host=args.host, port=args.port)
+    return 0
+
+
+def _bench(args) -> int:
+    from sdray.bench import run_bench
+    from sdray.config import load_config
+
+    config = load_config(args.config, args.overrides)
+    run_bench(config, rows=args.rows, include_ray=not args.skip_ray)
+    return 0
+
+
+COMMANDS = {"generate": _generate, "sweep": _sweep, "serve": _serve, "bench": _bench}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        print("sdray: interrupted", file=sys.stderr)
+        return 130
+    except SdrayError as error:
+        if args.debug:
+            traceback.print_exc()
+        print(f"sdray {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except Exception as error:  # noqa: BLE001 - one paragraph for the user; --debug for the rest
+        if args.debug:
+            traceback.print_exc()
+        print(
+            f"sdray {args.command}: failed: {type(error).__name__}: {error}\n"
+            "(run with --debug for the traceback)",
+            file=sys.stderr,
+        )
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

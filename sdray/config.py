@@ -1,0 +1,200 @@
+"""Typed configuration: pydantic models, YAML loading and `--set a.b=value` overrides."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from sdray.errors import ConfigError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    """Which model to load, onto which device and in which precision."""
+
+    source: str = Field(
+        "tiny",
+        description="`tiny` (embedded), a local diffusers directory, or an fsspec URI of one.",
+    )
+    device: Literal["cpu", "cuda", "auto"] = Field("auto", description="Torch device.")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto", description="Weights/compute dtype; auto is float16 on cuda, float32 on cpu."
+    )
+    allow_pickle: bool = Field(
+        False, description="Allow loading pickle (.bin/.ckpt) weights when no safetensors exist."
+    )
+    cache_dir: str | None = Field(
+        None, description="Local model cache; default $SDRAY_CACHE_DIR or ~/.cache/sdray."
+    )
+
+
+class GenerationConfig(_Section):
+    """Defaults for rows that leave a parameter out, and the limits rows must respect."""
+
+    steps: int = Field(20, ge=1, description="Default denoising steps.")
+    guidance_scale: float = Field(7.5, ge=0, description="Default classifier-free guidance.")
+    width: int = Field(128, gt=0, multiple_of=8, description="Default image width in pixels.")
+    height: int = Field(128, gt=0, multiple_of=8, description="Default image height in pixels.")
+    scheduler: str = Field("ddim", description="Default scheduler name.")
+    seed: int = Field(0, ge=0, lt=2**63, description="Base seed; row seeds derive from it.")
+    negative_prompt: str = Field("", description="Default negative prompt.")
+    max_steps: int = Field(150, ge=1, description="Rows asking for more steps are errors.")
+    max_width: int = Field(2048, gt=0, description="Rows asking for wider images are errors.")
+    max_height: int = Field(2048, gt=0, description="Rows asking for taller images are errors.")
+
+    @model_validator(mode="after")
+    def _check(self) -> GenerationConfig:
+        from sdray.schedulers import SCHEDULERS
+
+        if self.scheduler not in SCHEDULERS:
+            raise ValueError(
+                f"unknown scheduler {self.scheduler!r}; choose one of {', '.join(SCHEDULERS)}"
+            )
+        if self.steps > self.max_steps:
+            raise ValueError(f"steps={self.steps} is above max_steps={self.max_steps}")
+        return self
+
+
+class BatchConfig(_Section):
+    """How the offline job maps onto Ray Data."""
+
+    batch_size: int = Field(4, ge=1, description="Images per engine call (per model actor).")
+    min_actors: int = Field(1, ge=1, description="Minimum model actors in the pool.")
+    max_actors: int = Field(2, ge=1, description="Maximum model actors in the pool.")
+    num_cpus_per_actor: float = Field(
+        0.5, gt=0, description="CPUs reserved per model actor (fractional on CPU-only nodes)."
+    )
+    num_gpus_per_actor: float = Field(1.0, ge=0, description="GPUs per model actor on cuda.")
+    torch_threads: int | None = Field(
+        None, ge=1, description="Torch intra-op threads per actor; default max(1, num_cpus)."
+    )
+    sort_by_shape: bool = Field(
+        True, description="Order rows by size/steps/scheduler/guidance so batches stay homogeneous."
+    )
+    max_error_fraction: float = Field(
+        1.0, ge=0, le=1, description="Abort when more than this fraction of rows fail."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> BatchConfig:
+        if self.min_actors > self.max_actors:
+            raise ValueError(f"min_actors={self.min_actors} > max_actors={self.max_actors}")
+        return self
+
+
+class OutputConfig(_Section):
+    """What the job writes and how it lays it out."""
+
+    format: Literal["files", "webdataset", "parquet"] = Field(
+        "files", description="Image container: one file each, tar shards, or a Parquet column."
+    )
+    image_format: Literal["png", "jpeg", "webp"] = Field("png", description="Image encoding.")
+    jpeg_quality: int = Field(95, ge=1, le=100, description="Quality for jpeg and webp.")
+    rows_per_shard: int = Field(1000, ge=1, description="Rows per metadata/image shard.")
+    partition_by: list[str] = Field(
+        default_factory=list, description="Columns for Hive-style partitions."
+    )
+
+
+class StorageConfig(_Section):
+    """Filesystem options passed to fsspec for every URI (for example s3 endpoint/keys)."""
+
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict, description="fsspec storage options, per protocol or shared."
+    )
+
+
+class ServeConfig(_Section):
+    """Online serving: batching, autoscaling, limits."""
+
+    max_batch_size: int = Field(4, ge=1, description="Max images per batched engine call.")
+    batch_wait_timeout_s: float = Field(0.05, ge=0, description="Wait to fill a batch.")
+    min_replicas: int = Field(1, ge=0, description="Autoscaling minimum (0 = scale to zero).")
+    max_replicas: int = Field(1, ge=1, description="Autoscaling maximum.")
+    target_ongoing_requests: float = Field(2.0, gt=0, description="Autoscaling target.")
+    upscale_delay_s: float = Field(5.0, ge=0, description="Autoscaling upscale delay.")
+    downscale_delay_s: float = Field(60.0, ge=0, description="Autoscaling downscale delay.")
+    max_ongoing_requests: int = Field(8, ge=1, description="Concurrent requests per replica.")
+    max_queued_requests: int = Field(16, ge=-1, description="Queued per handle; past it 503.")
+    request_timeout_s: float = Field(120.0, gt=0, description="Per-request timeout.")
+    max_n: int = Field(4, ge=1, description="Max images per request.")
+    max_prompt_chars: int = Field(2000, ge=1, description="Max prompt length in characters.")
+    num_cpus_per_replica: float = Field(0.5, gt=0, description="CPUs per replica on CPU.")
+
+
+class SdrayConfig(_Section):
+    """The whole sdray configuration."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    batch: BatchConfig = Field(default_factory=BatchConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
+
+
+def _apply_override(data: dict[str, Any], assignment: str) -> None:
+    key, sep, raw = assignment.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set expects key.path=value, got {assignment!r}")
+    parts = key.strip().split(".")
+    node = data
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {key}: {part!r} is not a section")
+        node = child
+    node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+
+
+def _format_validation_error(error: ValidationError, data: dict[str, Any]) -> str:
+    lines = []
+    for item in error.errors():
+        path = ".".join(str(p) for p in item["loc"])
+        value = item.get("input")
+        if item["type"] == "extra_forbidden":
+            lines.append(f"unknown config key {path!r}")
+        elif isinstance(value, dict):
+            lines.append(f"{path or 'config'}: {item['msg']}")
+        else:
+            lines.append(f"{path} = {value!r}: {item['msg']}")
+    return "invalid config: " + "; ".join(lines)
+
+
+def config_from_dict(
+    data: dict[str, Any], overrides: list[str] | tuple[str, ...] = ()
+) -> SdrayConfig:
+    """Validate a config mapping after applying `a.b=value` overrides."""
+    data = yaml.safe_load(yaml.safe_dump(data or {}))  # deep copy of plain data
+    for assignment in overrides:
+        _apply_override(data, assignment)
+    try:
+        return SdrayConfig.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(_format_validation_error(error, data)) from None
+
+
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
+) -> SdrayConfig:
+    """Load a YAML config (default: the embedded CPU config) and apply overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        from sdray.storage import open_uri
+
+        try:
+            with open_uri(str(path), "rb") as handle:
+                data = yaml.safe_load(handle) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except yaml.YAMLError as error:
+            raise ConfigError(f"config file {path} is not valid YAML: {error}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    return config_from_dict(data, overrides)

@@ -1,0 +1,220 @@
+"""DiffusionEngine: load a Stable Diffusion model once, then turn requests into images.
+
+The only module that touches torch and diffusers in the hot path. It knows nothing of Ray:
+batch actors and Serve replicas each hold one engine.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from sdray.config import ModelConfig
+from sdray.models import ModelFiles, load_components, model_hash, resolve_model
+from sdray.requests import GenerationRequest
+from sdray.schedulers import build_scheduler
+
+
+@dataclass
+class GenerationResult:
+    """One request's outcome: an HxWx3 uint8 image, or an error message."""
+
+    request: GenerationRequest
+    image: np.ndarray | None
+    truncated: bool = False
+    error: str | None = None
+
+
+def resolve_device(device: str, dtype: str) -> tuple[str, str]:
+    """Pick the concrete torch device and dtype for `auto` settings."""
+    import torch
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if dtype == "auto":
+        dtype = "float16" if device == "cuda" else "float32"
+    return device, dtype
+
+
+def group_compatible(requests: Sequence[GenerationRequest], max_batch_size: int) -> list[list[int]]:
+    """Indices of requests split into batches that share size, steps, scheduler and guidance."""
+    groups: dict[tuple, list[int]] = {}
+    for index, request in enumerate(requests):
+        groups.setdefault(request.batch_key(), []).append(index)
+    batches = []
+    for indices in groups.values():
+        for start in range(0, len(indices), max_batch_size):
+            batches.append(indices[start : start + max_batch_size])
+    return batches
+
+
+class DiffusionEngine:
+    """Text encoder, UNet with per-row schedulers, and VAE decoder on one device."""
+
+    def __init__(
+        self,
+        files: ModelFiles,
+        *,
+        device: str = "auto",
+        dtype: str = "auto",
+        allow_pickle: bool = False,
+        max_batch_size: int = 8,
+        torch_threads: int | None = None,
+    ) -> None:
+        import torch
+
+        started = time.perf_counter()
+        if torch_threads:
+            torch.set_num_threads(torch_threads)
+        self.device, self.dtype = resolve_device(device, dtype)
+        self.files = files
+        self.model_name = files.name
+        self.max_batch_size = max_batch_size
+        parts = load_components(
+            files, device=self.device, dtype=self.dtype, allow_pickle=allow_pickle
+        )
+        self.tokenizer = parts["tokenizer"]
+        self.text_encoder = parts["text_encoder"]
+        self.unet = parts["unet"]
+        self.vae = parts["vae"]
+        self.scheduler_config: dict[str, Any] = parts["scheduler_config"]
+        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.load_seconds = time.perf_counter() - started
+
+    @classmethod
+    def from_config(
+        cls,
+        config: ModelConfig,
+        *,
+        max_batch_size: int = 8,
+        torch_threads: int | None = None,
+        storage_options: dict[str, Any] | None = None,
+    ) -> DiffusionEngine:
+        """Resolve `model.source` (building or copying it if needed) and load it."""
+        files = resolve_model(
+            config.source,
+            cache_dir=config.cache_dir,
+            allow_pickle=config.allow_pickle,
+            storage_options=storage_options,
+        )
+        return cls(
+            files,
+            device=config.device,
+            dtype=config.dtype,
+            allow_pickle=config.allow_pickle,
+            max_batch_size=max_batch_size,
+            torch_threads=torch_threads,
+        )
+
+    def model_hash(self) -> str:
+        """sha256 of the model's files (its identity in manifests and fingerprints)."""
+        return model_hash(self.files.directory)
+
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+        """Generate one image per request, in compatible sub-batches; results keep input order."""
+        results: list[GenerationResult | None] = [None] * len(requests)
+        for indices in group_compatible(requests, self.max_batch_size):
+            batch = [requests[i] for i in indices]
+            for index, result in zip(indices, self._generate_batch(batch), strict=True):
+                results[index] = result
+        return results  # type: ignore[return-value]
+
+    def _encode_prompts(self, prompts: list[str]):
+        tokens = self.tokenizer(
+            prompts,
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        )
+        mask = None
+        if getattr(self.text_encoder.config, "use_attention_mask", False):
+            mask = tokens.attention_mask.to(self.device)
+        return self.text_encoder(tokens.input_ids.to(self.device), attention_mask=mask)[0]
+
+    def truncated(self, prompts: list[str]) -> list[bool]:
+        """Whether each prompt is longer than the text encoder's context (and so cut)."""
+        lengths = self.tokenizer(prompts, truncation=False).input_ids
+        return [len(ids) > self.tokenizer.model_max_length for ids in lengths]
+
+    def _generate_batch(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
+        import torch
+
+        first = requests[0]
+        width, height, steps = first.width, first.height, first.steps
+        guidance = first.guidance_scale
+        use_cfg = guidance > 1.0 and self.unet.config.time_cond_proj_dim is None
+        dtype = self.unet.dtype
+
+        with torch.inference_mode():
+            # 1. Encode prompts; with guidance, the unconditional (negative) half goes first.
+            prompts = [r.prompt for r in requests]
+            embeds = self._encode_prompts(prompts)
+            if use_cfg:
+                negative = self._encode_prompts([r.negative_prompt for r in requests])
+                embeds = torch.cat([negative, embeds])
+            truncated = self.truncated(prompts)
+
+            # 2. Timesteps from a fresh scheduler of the row's kind, built from the model's config.
+            scheduler = build_scheduler(first.scheduler, self.scheduler_config)
+            scheduler.set_timesteps(steps, device=self.device)
+
+            # 3. Starting latents: one CPU generator per row, so a row's image never depends on
+            #    its batch. The same generators feed stochastic schedulers' noise.
+            generators = [torch.Generator("cpu").manual_seed(r.seed) for r in requests]
+            shape = (
+                1,
+                self.unet.config.in_channels,
+                height // self.vae_scale_factor,
+                width // self.vae_scale_factor,
+            )
+            latents = torch.cat([torch.randn(shape, generator=g, dtype=dtype) for g in generators])
+            latents = latents.to(self.device) * scheduler.init_noise_sigma
+
+            # 4. Denoising loop, classifier-free guidance as one doubled batch.
+            step_kwargs = {"generator": generators} if _accepts(scheduler.step, "generator") else {}
+            if _accepts(scheduler.step, "eta"):
+                step_kwargs["eta"] = 0.0
+            for t in scheduler.timesteps:
+                model_input = torch.cat([latents] * 2) if use_cfg else latents
+                model_input = scheduler.scale_model_input(model_input, t)
+                noise = self.unet(model_input, t, encoder_hidden_states=embeds, return_dict=False)[
+                    0
+                ]
+                if use_cfg:
+                    noise_uncond, noise_text = noise.chunk(2)
+                    noise = noise_uncond + guidance * (noise_text - noise_uncond)
+                latents = scheduler.step(noise, t, latents, **step_kwargs, return_dict=False)[0]
+
+            # 5. Decode with the VAE and convert to uint8 pixels.
+            scaled = latents / self.vae.config.scaling_factor
+            images = self.vae.decode(scaled.to(self.vae.dtype), return_dict=False)[0]
+            finite = torch.isfinite(images.flatten(1)).all(dim=1).tolist()
+            pixels = ((images.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
+            pixels = pixels.permute(0, 2, 3, 1).cpu().numpy()
+
+        results = []
+        for request, image, ok, cut in zip(requests, pixels, finite, truncated, strict=True):
+            if ok:
+                results.append(GenerationResult(request, np.ascontiguousarray(image), cut))
+            else:
+                results.append(
+                    GenerationResult(
+                        request,
+                        None,
+                        cut,
+                        f"non-finite values in the generated image (dtype {self.dtype}); "
+                        "try model.dtype=float32",
+                    )
+                )
+        return results
+
+
+def _accepts(function, name: str) -> bool:
+    import inspect
+
+    return name in inspect.signature(function).parameters

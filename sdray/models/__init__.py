@@ -1,0 +1,189 @@
+"""Model sources: the embedded tiny model, a local diffusers directory, or an fsspec URI of one."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from filelock import FileLock
+
+from sdray.errors import ModelError
+
+COMPONENTS_WITH_WEIGHTS = ("text_encoder", "unet", "vae")
+REQUIRED_COMPONENTS = ("tokenizer", "text_encoder", "unet", "vae", "scheduler")
+PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
+_HASH_FILE = ".sdray-model.json"
+
+
+@dataclass(frozen=True)
+class ModelFiles:
+    """A model resolved to a complete local diffusers directory."""
+
+    source: str
+    directory: Path
+    name: str
+
+
+def cache_root(cache_dir: str | None = None) -> Path:
+    """The local model cache: config, then $SDRAY_CACHE_DIR, then ~/.cache/sdray."""
+    root = cache_dir or os.environ.get("SDRAY_CACHE_DIR") or Path.home() / ".cache" / "sdray"
+    return Path(root).expanduser()
+
+
+def _materialize_once(target: Path, fill) -> Path:
+    """Create `target` with `fill(tmp_dir)` exactly once per node, never exposing a partial copy.
+
+    A file lock serialises processes on this node; the copy is built in a temporary directory
+    and renamed into place, so a reader sees either nothing or the complete directory.
+    """
+    if target.is_dir():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock", timeout=3600):
+        if target.is_dir():
+            return target
+        tmp = target.parent / f".{target.name}.{uuid.uuid4().hex}.partial"
+        try:
+            fill(tmp)
+            os.replace(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _is_remote(source: str) -> bool:
+    return "://" in source and not source.startswith("file://")
+
+
+def _download(source: str, storage_options: dict[str, Any] | None):
+    from sdray.storage import filesystem
+
+    def fill(tmp: Path) -> None:
+        fs, path = filesystem(source, storage_options)
+        if not fs.exists(path):
+            raise ModelError(f"model.source {source!r} does not exist")
+        fs.get(path.rstrip("/") + "/", str(tmp), recursive=True)
+
+    return fill
+
+
+def resolve_model(
+    source: str,
+    *,
+    cache_dir: str | None = None,
+    allow_pickle: bool = False,
+    storage_options: dict[str, Any] | None = None,
+) -> ModelFiles:
+    """Turn `model.source` into a checked local diffusers directory (building or copying it)."""
+    root = cache_root(cache_dir)
+    if source == "tiny":
+        from sdray.models.tiny import TINY_VERSION, build_tiny_model
+
+        directory = _materialize_once(root / "models" / TINY_VERSION, build_tiny_model)
+        name = "tiny"
+    elif _is_remote(source):
+        key = hashlib.sha256(source.rstrip("/").encode()).hexdigest()[:16]
+        directory = _materialize_once(root / "remote" / key, _download(source, storage_options))
+        name = source.rstrip("/")
+    else:
+        directory = Path(source.removeprefix("file://")).expanduser()
+        if not directory.is_dir():
+            raise ModelError(f"model.source {source!r} is not a directory (nor 'tiny' or a URI)")
+        name = str(directory)
+    check_model_directory(directory, source, allow_pickle=allow_pickle)
+    return ModelFiles(source=source, directory=directory, name=name)
+
+
+def check_model_directory(directory: Path, source: str, *, allow_pickle: bool) -> None:
+    """Refuse incomplete model directories and pickle-only weights unless allowed."""
+    missing = [c for c in REQUIRED_COMPONENTS if not (directory / c).is_dir()]
+    if missing:
+        raise ModelError(
+            f"model {source!r} is not a diffusers directory: missing {', '.join(missing)}/"
+        )
+    for component in COMPONENTS_WITH_WEIGHTS:
+        files = [p.name for p in (directory / component).iterdir()]
+        if any(f.endswith(".safetensors") for f in files):
+            continue
+        if any(f.endswith(PICKLE_SUFFIXES) for f in files):
+            if not allow_pickle:
+                raise ModelError(
+                    f"model {source!r}: {component}/ has only pickle weight files "
+                    f"({', '.join(sorted(f for f in files if f.endswith(PICKLE_SUFFIXES)))}); "
+                    "pickle files can run arbitrary code when loaded. Convert them to "
+                    "safetensors, or set model.allow_pickle=true if you trust them."
+                )
+            continue
+        raise ModelError(f"model {source!r}: {component}/ holds no weight files")
+
+
+def model_hash(directory: Path) -> str:
+    """sha256 over every file of the model (path and bytes), cached beside it by size+mtime."""
+    files = sorted(
+        p for p in directory.rglob("*") if p.is_file() and not p.name.startswith(".sdray")
+    )
+    stamp = [[str(p.relative_to(directory)), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+    cached = directory / _HASH_FILE
+    try:
+        record = json.loads(cached.read_text())
+        if record.get("stamp") == stamp:
+            return record["sha256"]
+    except (OSError, ValueError):
+        pass
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(str(path.relative_to(directory)).encode() + b"\0")
+        with open(path, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+    value = digest.hexdigest()
+    try:
+        cached.write_text(json.dumps({"stamp": stamp, "sha256": value}))
+    except OSError:
+        pass  # read-only model directories are fine; we just hash again next time
+    return value
+
+
+def load_components(
+    files: ModelFiles, *, device: str, dtype: str, allow_pickle: bool = False
+) -> dict[str, Any]:
+    """Load tokenizer, text encoder, UNet, VAE and the scheduler config onto a device."""
+    import diffusers
+    import torch
+    import transformers
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    for library in (diffusers, transformers):
+        library.utils.logging.set_verbosity_error()
+        library.utils.logging.disable_progress_bar()
+
+    torch_dtype = getattr(torch, dtype)
+    use_safetensors = None if allow_pickle else True
+    d = files.directory
+    tokenizer = CLIPTokenizer.from_pretrained(d / "tokenizer", model_max_length=77)
+    text_encoder = CLIPTextModel.from_pretrained(
+        d / "text_encoder", torch_dtype=torch_dtype, use_safetensors=use_safetensors
+    )
+    unet = UNet2DConditionModel.from_pretrained(
+        d / "unet", torch_dtype=torch_dtype, use_safetensors=use_safetensors
+    )
+    vae = AutoencoderKL.from_pretrained(
+        d / "vae", torch_dtype=torch_dtype, use_safetensors=use_safetensors
+    )
+    scheduler_config = json.loads((d / "scheduler" / "scheduler_config.json").read_text())
+    for module in (text_encoder, unet, vae):
+        module.to(device).eval().requires_grad_(False)
+    return {
+        "tokenizer": tokenizer,
+        "text_encoder": text_encoder,
+        "unet": unet,
+        "vae": vae,
+        "scheduler_config": scheduler_config,
+    }

@@ -1,0 +1,286 @@
+"""The row contract: defaults, validation, seed and id derivation, and the metadata schema."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+
+from sdray.config import GenerationConfig
+from sdray.errors import InputError
+from sdray.schedulers import SCHEDULERS
+
+SEED_LIMIT = 2**63
+
+# Columns that rows may set; anything else in the input is carried through unchanged.
+REQUEST_COLUMNS = (
+    "id",
+    "prompt",
+    "negative_prompt",
+    "seed",
+    "steps",
+    "guidance_scale",
+    "width",
+    "height",
+    "scheduler",
+)
+# Columns sdray itself adds; an input table may not bring its own.
+RESULT_COLUMNS = ("model", "status", "error", "truncated", "image_path", "sha256")
+# Hidden bookkeeping added by the reader: where a row came from (for stable derived ids).
+SOURCE_COLUMN = "__sdray_source"
+ROW_COLUMN = "__sdray_row"
+# Sort key that orders rows so batches stay homogeneous (same size, steps, scheduler, guidance).
+BATCH_KEY_COLUMN = "__sdray_batch_key"
+
+PREPARED_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("prompt", pa.string()),
+        ("negative_prompt", pa.string()),
+        ("seed", pa.int64()),
+        ("steps", pa.int64()),
+        ("guidance_scale", pa.float64()),
+        ("width", pa.int64()),
+        ("height", pa.int64()),
+        ("scheduler", pa.string()),
+        ("status", pa.string()),
+        ("error", pa.string()),
+    ]
+)
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One image to generate, with every parameter resolved."""
+
+    id: str
+    prompt: str
+    negative_prompt: str
+    seed: int
+    steps: int
+    guidance_scale: float
+    width: int
+    height: int
+    scheduler: str
+
+    def batch_key(self) -> tuple:
+        """Requests with equal keys can share one denoising batch."""
+        return (self.width, self.height, self.steps, self.scheduler, self.guidance_scale)
+
+
+def batch_key_string(fields: dict[str, Any]) -> str:
+    """`batch_key` as a sortable string; error rows sort last."""
+    if fields.get("status") != "ok":
+        return "~"
+    return (
+        f"{fields['width']:05d}x{fields['height']:05d}/{fields['steps']:04d}/"
+        f"{fields['scheduler']}/{fields['guidance_scale']:012.4f}"
+    )
+
+
+def derive_seed(base_seed: int, row_id: str) -> int:
+    """A row's seed when it gives none: stable in (base seed, id), uniform in [0, 2^63)."""
+    digest = hashlib.sha256(f"{base_seed}\x00{row_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
+
+
+def derive_id(source: str, row: int) -> str:
+    """A row's id when the table has no `id` column: its file and position in that file."""
+    return f"{source}:{row}"
+
+
+def _as_int(value: Any) -> int | None:
+    """An integer from ints, integral floats and digit strings; None when it is not one."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        return int(value)
+    if isinstance(value, str):
+        try:
+            return int(value.strip())
+        except ValueError:
+            return None
+    return None
+
+
+def _as_float(value: Any) -> float | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return float(value) if math.isfinite(float(value)) else None
+    if isinstance(value, str):
+        try:
+            number = float(value.strip())
+        except ValueError:
+            return None
+        return number if math.isfinite(number) else None
+    return None
+
+
+def validate_row(row: dict[str, Any], config: GenerationConfig) -> tuple[dict[str, Any], list[str]]:
+    """Resolve one row's request fields with defaults; return (fields, errors).
+
+    Invalid values are left as None in the fields and named, with their value, in the errors.
+    """
+    errors: list[str] = []
+    out: dict[str, Any] = {}
+
+    def bad(field: str, value: Any, why: str) -> None:
+        errors.append(f"{field}={value!r}: {why}")
+        out[field] = None
+
+    prompt = row.get("prompt")
+    if not isinstance(prompt, str):
+        bad("prompt", prompt, "must be a string" if prompt is not None else "is null")
+    elif not prompt.strip():
+        bad("prompt", prompt, "is empty")
+    else:
+        out["prompt"] = prompt
+
+    negative = row.get("negative_prompt")
+    if negative is None:
+        out["negative_prompt"] = config.negative_prompt
+    elif isinstance(negative, str):
+        out["negative_prompt"] = negative
+    else:
+        bad("negative_prompt", negative, "must be a string")
+
+    for field, limit in (("steps", config.max_steps),):
+        value = row.get(field)
+        if value is None:
+            out[field] = getattr(config, field)
+            continue
+        number = _as_int(value)
+        if number is None:
+            bad(field, value, "must be an integer")
+        elif not 1 <= number <= limit:
+            bad(field, value, f"must be between 1 and {limit}")
+        else:
+            out[field] = number
+
+    for field, limit in (("width", config.max_width), ("height", config.max_height)):
+        value = row.get(field)
+        if value is None:
+            out[field] = getattr(config, field)
+            continue
+        number = _as_int(value)
+        if number is None or number <= 0 or number % 8:
+            bad(field, value, "must be a positive multiple of 8")
+        elif number > limit:
+            bad(field, value, f"must be at most {limit}")
+        else:
+            out[field] = number
+
+    guidance = row.get("guidance_scale")
+    if guidance is None:
+        out["guidance_scale"] = config.guidance_scale
+    else:
+        number = _as_float(guidance)
+        if number is None or number < 0:
+            bad("guidance_scale", guidance, "must be a finite number >= 0")
+        else:
+            out["guidance_scale"] = number
+
+    scheduler = row.get("scheduler")
+    if scheduler is None:
+        out["scheduler"] = config.scheduler
+    elif scheduler not in SCHEDULERS:
+        bad("scheduler", scheduler, f"unknown scheduler; choose one of {', '.join(SCHEDULERS)}")
+    else:
+        out["scheduler"] = scheduler
+
+    seed = row.get("seed")
+    if seed is None:
+        out["seed"] = None  # derived from the id by the caller
+    else:
+        number = _as_int(seed)
+        if number is None or not 0 <= number < SEED_LIMIT:
+            bad("seed", seed, "must be an integer in [0, 2^63)")
+        else:
+            out["seed"] = number
+    return out, errors
+
+
+def check_columns(names: list[str]) -> None:
+    """Refuse tables without `prompt` or with columns sdray writes itself."""
+    if "prompt" not in names:
+        raise InputError(
+            f"the prompt table has no 'prompt' column (columns: {', '.join(names) or 'none'})"
+        )
+    reserved = [n for n in names if n in RESULT_COLUMNS or n.startswith("__sdray")]
+    if reserved:
+        raise InputError(
+            f"the prompt table has columns that sdray writes itself: {', '.join(reserved)}; "
+            "rename them"
+        )
+
+
+def prepare_table(table: pa.Table, config: GenerationConfig) -> pa.Table:
+    """Validate and complete every row of a prompt table (one block of it).
+
+    Returns the request columns in `PREPARED_SCHEMA` plus `status`/`error`, followed by the
+    carried-through columns unchanged. Invalid rows get status "error"; none are dropped.
+    """
+    check_columns([n for n in table.column_names if not n.startswith("__sdray")])
+    carried = [
+        n for n in table.column_names if n not in REQUEST_COLUMNS and not n.startswith("__sdray")
+    ]
+    request_cols = [n for n in REQUEST_COLUMNS if n in table.column_names]
+    rows = table.select(request_cols).to_pylist()
+    sources = (
+        table.column(SOURCE_COLUMN).to_pylist() if SOURCE_COLUMN in table.column_names else None
+    )
+    positions = table.column(ROW_COLUMN).to_pylist() if ROW_COLUMN in table.column_names else None
+
+    columns: dict[str, list[Any]] = {field.name: [] for field in PREPARED_SCHEMA}
+    for index, row in enumerate(rows):
+        fields, errors = validate_row(row, config)
+        raw_id = row.get("id")
+        if raw_id is None or (isinstance(raw_id, str) and not raw_id):
+            if "id" in row:
+                errors.insert(0, f"id={raw_id!r}: is empty")
+            source = sources[index] if sources else "row"
+            position = positions[index] if positions else index
+            row_id = derive_id(source, position)
+        elif isinstance(raw_id, float) and raw_id.is_integer():
+            row_id = str(int(raw_id))
+        else:
+            row_id = str(raw_id)
+        if fields["seed"] is None and not any(e.startswith("seed=") for e in errors):
+            fields["seed"] = derive_seed(config.seed, row_id)
+        fields["id"] = row_id
+        fields["status"] = "error" if errors else "ok"
+        fields["error"] = "; ".join(errors) if errors else None
+        for name in columns:
+            columns[name].append(fields.get(name))
+    prepared = pa.table(columns, schema=PREPARED_SCHEMA)
+    keys = [
+        batch_key_string(row)
+        for row in prepared.select(
+            ["status", "width", "height", "steps", "scheduler", "guidance_scale"]
+        ).to_pylist()
+    ]
+    prepared = prepared.append_column(BATCH_KEY_COLUMN, pa.array(keys, pa.string()))
+    for name in carried:
+        prepared = prepared.append_column(name, table.column(name))
+    return prepared
+
+
+def request_from_row(row: dict[str, Any]) -> GenerationRequest:
+    """A GenerationRequest from a prepared (status ok) row."""
+    return GenerationRequest(
+        id=row["id"],
+        prompt=row["prompt"],
+        negative_prompt=row["negative_prompt"] or "",
+        seed=int(row["seed"]),
+        steps=int(row["steps"]),
+        guidance_scale=float(row["guidance_scale"]),
+        width=int(row["width"]),
+        height=int(row["height"]),
+        scheduler=row["scheduler"],
+    )

@@ -1,0 +1,58 @@
+"""Shared fixtures: a hermetic model cache, the tiny engine, a local Ray cluster."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SDRAY = str(Path(sys.executable).with_name("sdray"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def model_cache(tmp_path_factory) -> Path:
+    """Every test builds and reads models in a private cache, never the user's."""
+    cache = tmp_path_factory.mktemp("sdray-cache")
+    os.environ["SDRAY_CACHE_DIR"] = str(cache)
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    return cache
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(model_cache):
+    """The embedded tiny model, loaded once for the unit tests."""
+    from sdray.config import ModelConfig
+    from sdray.engine import DiffusionEngine
+
+    return DiffusionEngine.from_config(ModelConfig(source="tiny", device="cpu"), max_batch_size=8)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(model_cache):
+    """A local Ray cluster for the whole session; its address lets subprocesses join it."""
+    import ray
+
+    context = ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        logging_level="WARNING",
+        object_store_memory=1_500_000_000,
+    )
+    address = context.address_info["address"]
+    try:
+        yield address
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture
+def sdray_env(ray_cluster) -> dict[str, str]:
+    """Environment for running the `sdray` CLI as a subprocess against the test cluster."""
+    env = dict(os.environ)
+    env["RAY_ADDRESS"] = ray_cluster
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
