@@ -111,21 +111,63 @@ class StorageConfig(_Section):
 
 
 class ServeConfig(_Section):
-    """Online serving: batching, autoscaling, limits."""
+    """Online serving (`sdray serve`, Ray Serve): batching, autoscaling, backpressure, limits."""
 
-    max_batch_size: int = Field(4, ge=1, description="Max images per batched engine call.")
-    batch_wait_timeout_s: float = Field(0.05, ge=0, description="Wait to fill a batch.")
+    max_batch_size: int = Field(
+        4, ge=1, description="Max images per batched engine call; 1 turns request batching off."
+    )
+    batch_wait_timeout_s: float = Field(
+        0.05, ge=0, description="How long a replica waits for more images to fill a batch."
+    )
     min_replicas: int = Field(1, ge=0, description="Autoscaling minimum (0 = scale to zero).")
     max_replicas: int = Field(1, ge=1, description="Autoscaling maximum.")
-    target_ongoing_requests: float = Field(2.0, gt=0, description="Autoscaling target.")
+    target_ongoing_requests: float = Field(
+        2.0, gt=0, description="Autoscaling target of ongoing requests per replica."
+    )
     upscale_delay_s: float = Field(5.0, ge=0, description="Autoscaling upscale delay.")
     downscale_delay_s: float = Field(60.0, ge=0, description="Autoscaling downscale delay.")
-    max_ongoing_requests: int = Field(8, ge=1, description="Concurrent requests per replica.")
-    max_queued_requests: int = Field(16, ge=-1, description="Queued per handle; past it 503.")
-    request_timeout_s: float = Field(120.0, gt=0, description="Per-request timeout.")
-    max_n: int = Field(4, ge=1, description="Max images per request.")
-    max_prompt_chars: int = Field(2000, ge=1, description="Max prompt length in characters.")
-    num_cpus_per_replica: float = Field(0.5, gt=0, description="CPUs per replica on CPU.")
+    max_ongoing_requests: int = Field(
+        8, ge=1, description="Requests one replica works on at once (its in-replica queue bound)."
+    )
+    max_queued_requests: int = Field(
+        16,
+        ge=-1,
+        description="Requests queued per caller (HTTP proxy) beyond max_ongoing_requests of all "
+        "replicas; past it Serve answers overload_status_code with Retry-After. -1 = unbounded.",
+    )
+    overload_status_code: Literal[503, 429] = Field(
+        503, description="HTTP status for requests rejected past max_queued_requests."
+    )
+    retry_after_s: float = Field(
+        1.0, ge=0, description="Retry-After seconds sent with overload (503/429) responses."
+    )
+    request_timeout_s: float = Field(
+        120.0,
+        gt=0,
+        description="End-to-end request timeout: Serve's proxy answers 408 past it (queueing "
+        "included), and a replica answers 504 past it even if a client raised the proxy's.",
+    )
+    max_n: int = Field(4, ge=1, description="Max images per request (`n`).")
+    max_prompt_chars: int = Field(
+        2000, ge=1, description="Max prompt (and negative prompt) length in characters."
+    )
+    num_cpus_per_replica: float = Field(
+        0.5, gt=0, description="CPUs reserved per replica (fractional on CPU-only nodes)."
+    )
+    num_gpus_per_replica: float = Field(
+        1.0, gt=0, description="GPUs per replica when the device is cuda."
+    )
+    torch_threads: int | None = Field(
+        None, ge=1, description="Torch intra-op threads per replica; default max(1, num_cpus)."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> ServeConfig:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas={self.min_replicas} > max_replicas={self.max_replicas}")
+        if self.max_queued_requests == 0:
+            raise ValueError("max_queued_requests must be -1 (unbounded) or at least 1")
+        return self
 
 
 class SdrayConfig(_Section):

@@ -3,13 +3,9 @@
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parents[1]
-SDRAY = str(Path(sys.executable).with_name("sdray"))
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -49,7 +45,7 @@ def ray_cluster(model_cache):
         ray.shutdown()
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def sdray_env(ray_cluster) -> dict[str, str]:
     """Environment for running the `sdray` CLI as a subprocess against the test cluster."""
     env = dict(os.environ)

@@ -43,8 +43,7 @@ class PrepareStage:
         self.generation = generation
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        require_columns(batch, ["prompt"], "prepare")
-        return prepare_table(batch, self.generation)
+        return prepare_table(batch, self.generation)  # refuses a table without `prompt` itself
 
 
 class GenerateStage:

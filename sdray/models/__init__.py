@@ -105,7 +105,7 @@ def check_model_directory(directory: Path, source: str, *, allow_pickle: bool) -
     missing = [c for c in REQUIRED_COMPONENTS if not (directory / c).is_dir()]
     if missing:
         raise ModelError(
-            f"model {source!r} is not a diffusers directory: missing {', '.join(missing)}/"
+            f"model {source!r} is not a diffusers directory: missing {', '.join(m + '/' for m in missing)}"
         )
     for component in COMPONENTS_WITH_WEIGHTS:
         files = [p.name for p in (directory / component).iterdir()]

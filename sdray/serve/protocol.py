@@ -1,0 +1,302 @@
+"""HTTP protocol: request/response models, OpenAI error bodies, and request -> engine requests."""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from sdray.config import GenerationConfig, ServeConfig
+from sdray.requests import SEED_LIMIT, GenerationRequest, validate_row
+
+# Seeds chosen for requests that give none: small enough to read and type back.
+RANDOM_SEED_LIMIT = 2**32
+_SIZE = re.compile(r"^\s*(\d{1,6})\s*x\s*(\d{1,6})\s*$")
+
+
+class ApiError(Exception):
+    """A request that fails with an HTTP status and an OpenAI-shaped error body."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        type: str = "invalid_request_error",
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+        self.type = type
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        """The OpenAI error body: {"error": {"message", "type", "param", "code"}}."""
+        return ErrorBody(
+            error=ErrorDetail(message=self.message, type=self.type, param=self.param, code=self.code)
+        ).model_dump()
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class _Body(BaseModel):
+    # Strict: JSON "2" is not an integer and 2.0 is not a count; wrong types are 400s.
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class ErrorDetail(_Model):
+    """What went wrong, and which request parameter caused it."""
+
+    message: str = Field(description="Human-readable explanation.")
+    type: str = Field(description="Error class, e.g. invalid_request_error, server_error.")
+    param: str | None = Field(description="The request parameter at fault, if any.")
+    code: str | None = Field(description="Machine-readable error code, if any.")
+
+
+class ErrorBody(_Model):
+    """The OpenAI error envelope."""
+
+    error: ErrorDetail = Field(description="The error.")
+
+
+class ImagesGenerationRequest(_Body):
+    """`POST /v1/images/generations`: the OpenAI Images API request plus sdray's extensions."""
+
+    prompt: str = Field(description="Text description of the image.")
+    model: str | None = Field(None, description="Model id; must be the served model if given.")
+    n: int | None = Field(None, description="Images to generate (1..serve.max_n); default 1.")
+    size: str | None = Field(None, description='"WIDTHxHEIGHT" (multiples of 8) or "auto".')
+    response_format: Literal["b64_json", "url"] | None = Field(
+        None, description="Only b64_json is served (the default); url is refused."
+    )
+    output_format: Literal["png"] | None = Field(None, description="Only png is served.")
+    stream: Literal[False] | None = Field(None, description="Streaming is not served.")
+    user: str | None = Field(None, description="End-user identifier; accepted and ignored.")
+    safety_identifier: str | None = Field(None, description="Accepted and ignored.")
+    seed: int | None = Field(
+        None, description="Seed of the first image; image i gets (seed + i) mod 2^63."
+    )
+    steps: int | None = Field(None, description="Denoising steps.")
+    guidance_scale: float | None = Field(None, description="Classifier-free guidance scale.")
+    negative_prompt: str | None = Field(None, description="What the image should not show.")
+    scheduler: str | None = Field(None, description="Scheduler name, e.g. ddim, euler.")
+
+
+class GenerateRequest(_Body):
+    """`POST /v1/generate`: one image with the offline row's fields; answers image/png."""
+
+    prompt: str = Field(description="Text description of the image.")
+    model: str | None = Field(None, description="Model id; must be the served model if given.")
+    negative_prompt: str | None = Field(None, description="What the image should not show.")
+    seed: int | None = Field(None, description="Seed; random (and reported) when left out.")
+    steps: int | None = Field(None, description="Denoising steps.")
+    guidance_scale: float | None = Field(None, description="Classifier-free guidance scale.")
+    width: int | None = Field(None, description="Width in pixels, a multiple of 8.")
+    height: int | None = Field(None, description="Height in pixels, a multiple of 8.")
+    scheduler: str | None = Field(None, description="Scheduler name, e.g. ddim, euler.")
+
+
+class ImageData(_Model):
+    """One generated image and the seed that reproduces it."""
+
+    b64_json: str = Field(description="Base64 of the PNG file (parameters embedded).")
+    seed: int = Field(description="The seed this image was generated from.")
+
+
+class ImagesResponse(_Model):
+    """The OpenAI Images API response."""
+
+    created: int = Field(description="Unix time of the response.")
+    data: list[ImageData] = Field(description="The images, in seed order.")
+    size: str = Field(description="WIDTHxHEIGHT of every image.")
+    output_format: Literal["png"] = Field("png", description="Image encoding.")
+
+
+class ModelCard(_Model):
+    """An OpenAI model object."""
+
+    id: str = Field(description="Model id to pass as `model`.")
+    object: Literal["model"] = Field("model", description="Always `model`.")
+    created: int = Field(description="Unix time the model was loaded.")
+    owned_by: str = Field("sdray", description="Always `sdray`.")
+
+
+class ModelList(_Model):
+    """The OpenAI model list."""
+
+    object: Literal["list"] = Field("list", description="Always `list`.")
+    data: list[ModelCard] = Field(description="The served models.")
+
+
+def parse_body(raw: bytes, model: type[_Body]) -> Any:
+    """Decode a JSON object body into `model`, or raise a 400 ApiError naming the parameter."""
+    try:
+        data = json.loads(raw or b"")
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ApiError(
+            400,
+            f"We could not parse the JSON body of your request ({error}). "
+            "Send a JSON object with Content-Type: application/json.",
+            code="invalid_json",
+        ) from None
+    if not isinstance(data, dict):
+        raise ApiError(
+            400,
+            f"The request body must be a JSON object, got {type(data).__name__}.",
+            code="invalid_json",
+        )
+    try:
+        return model.model_validate(data)
+    except ValidationError as error:
+        raise _from_validation_error(error) from None
+
+
+def _from_validation_error(error: ValidationError) -> ApiError:
+    first = error.errors()[0]
+    param = ".".join(str(part) for part in first["loc"]) or None
+    kind = first["type"]
+    if kind == "missing":
+        return ApiError(
+            400, f"Missing required parameter: '{param}'.", param=param, code="missing_parameter"
+        )
+    if kind == "extra_forbidden":
+        return ApiError(
+            400,
+            f"Unrecognized request argument supplied: '{param}'.",
+            param=param,
+            code="unknown_parameter",
+        )
+    value = first.get("input")
+    shown = "null" if value is None else json.dumps(value)[:80]
+    code = "invalid_value" if kind in ("literal_error", "enum") else "invalid_type"
+    return ApiError(
+        400, f"Invalid value for '{param}': {first['msg']} (got {shown}).", param=param, code=code
+    )
+
+
+def parse_size(size: str | None, generation: GenerationConfig) -> tuple[int, int]:
+    """(width, height) from an OpenAI `size` ("WxH" or "auto"; default: the config's size)."""
+    if size is None or size.strip() == "auto":
+        return generation.width, generation.height
+    match = _SIZE.match(size)
+    if not match:
+        raise ApiError(
+            400,
+            f"Invalid value for 'size': {size!r}; expected 'WIDTHxHEIGHT' such as '512x512'.",
+            param="size",
+            code="invalid_value",
+        )
+    return int(match.group(1)), int(match.group(2))
+
+
+def image_seeds(seed: int | None, n: int) -> list[int]:
+    """Seeds for `n` images: seed, seed+1, ... (mod 2^63); a random start when seed is None."""
+    start = secrets.randbelow(RANDOM_SEED_LIMIT) if seed is None else seed
+    return [(start + i) % SEED_LIMIT for i in range(n)]
+
+
+def check_model(model: str | None, served: str) -> None:
+    """Refuse a `model` other than the served one with the OpenAI 404."""
+    if model is not None and model != served:
+        raise ApiError(
+            404,
+            f"The model '{model}' does not exist; this server serves '{served}'.",
+            param="model",
+            code="model_not_found",
+        )
+
+
+def _check_prompt(name: str, text: str | None, limits: ServeConfig) -> None:
+    if text is not None and len(text) > limits.max_prompt_chars:
+        raise ApiError(
+            400,
+            f"Invalid value for '{name}': {len(text)} characters is above the limit of "
+            f"{limits.max_prompt_chars}.",
+            param=name,
+            code="above_limit",
+        )
+
+
+def _requests(
+    fields: dict[str, Any],
+    n: int,
+    generation: GenerationConfig,
+    limits: ServeConfig,
+    size_param: str | None,
+) -> list[GenerationRequest]:
+    _check_prompt("prompt", fields["prompt"], limits)
+    _check_prompt("negative_prompt", fields.get("negative_prompt"), limits)
+    if not 1 <= n <= limits.max_n:
+        raise ApiError(
+            400,
+            f"Invalid value for 'n': {n}; it must be between 1 and {limits.max_n}.",
+            param="n",
+            code="above_limit" if n > limits.max_n else "invalid_value",
+        )
+    resolved, errors = validate_row(fields, generation)
+    if errors:
+        field = errors[0].split("=", 1)[0]
+        param = size_param if size_param and field in ("width", "height") else field
+        raise ApiError(
+            400, f"Invalid value for '{param}': {'; '.join(errors)}.", param=param, code="invalid_value"
+        )
+    prefix = uuid.uuid4().hex
+    return [
+        GenerationRequest(
+            id=f"{prefix}-{i}",
+            prompt=resolved["prompt"],
+            negative_prompt=resolved["negative_prompt"] or "",
+            seed=seed,
+            steps=resolved["steps"],
+            guidance_scale=float(resolved["guidance_scale"]),
+            width=resolved["width"],
+            height=resolved["height"],
+            scheduler=resolved["scheduler"],
+        )
+        for i, seed in enumerate(image_seeds(resolved["seed"], n))
+    ]
+
+
+def images_requests(
+    body: ImagesGenerationRequest, generation: GenerationConfig, limits: ServeConfig
+) -> list[GenerationRequest]:
+    """Validate an Images API request against the config and expand it into `n` requests."""
+    if body.response_format == "url":
+        raise ApiError(
+            400,
+            "Invalid value for 'response_format': 'url' is not served; use 'b64_json'.",
+            param="response_format",
+            code="invalid_value",
+        )
+    width, height = parse_size(body.size, generation)
+    fields = {
+        "prompt": body.prompt,
+        "negative_prompt": body.negative_prompt,
+        "seed": body.seed,
+        "steps": body.steps,
+        "guidance_scale": body.guidance_scale,
+        "width": width,
+        "height": height,
+        "scheduler": body.scheduler,
+    }
+    n = 1 if body.n is None else body.n
+    return _requests(fields, n, generation, limits, size_param="size")
+
+
+def generate_request(
+    body: GenerateRequest, generation: GenerationConfig, limits: ServeConfig
+) -> GenerationRequest:
+    """Validate a `/v1/generate` request against the config."""
+    fields = body.model_dump(exclude={"model"})
+    return _requests(fields, 1, generation, limits, size_param=None)[0]

@@ -1,0 +1,100 @@
+"""Pipeline stages called directly on small batches, no cluster."""
+
+import hashlib
+import io
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from PIL import Image
+
+from sdray.batch.stages import IMAGE_COLUMN, PIXELS_COLUMN, EncodeStage, GenerateStage, PrepareStage
+from sdray.config import GenerationConfig, ModelConfig, OutputConfig
+from sdray.errors import InputError
+from sdray.images import encode_image, infotext, read_infotext
+
+PARAMS = dict(
+    prompt="a fox",
+    negative_prompt="blurry",
+    scheduler="euler_ancestral",
+    guidance_scale=7.5,
+    steps=20,
+    seed=42,
+    width=64,
+    height=32,
+    model="tiny",
+)
+
+
+@pytest.fixture(scope="module")
+def generate_stage(model_cache):
+    return GenerateStage(ModelConfig(device="cpu"), model_name="tiny", batch_size=4)
+
+
+def test_stages_chain_keeps_every_row_and_column(generate_stage):
+    table = pa.table(
+        {
+            "id": ["a", "b", "c"],
+            "prompt": ["a fox", None, "a cat"],
+            "width": [64, 64, 128],
+            "height": [64, 64, 64],
+            "steps": [2, 2, 2],
+            "extra": [1, 2, 3],
+        }
+    )
+    prepared = PrepareStage(GenerationConfig())(table)
+    generated = generate_stage(prepared)
+    assert generated.column("status").to_pylist() == ["ok", "error", "ok"]
+    assert generated.column("truncated").to_pylist() == [False, None, False]
+    assert generated.column(PIXELS_COLUMN).to_pylist()[1] is None
+    encoded = EncodeStage(OutputConfig())(generated)
+    assert PIXELS_COLUMN not in encoded.column_names
+    assert encoded.column("extra").to_pylist() == [1, 2, 3]
+    images = encoded.column(IMAGE_COLUMN).to_pylist()
+    digests = encoded.column("sha256").to_pylist()
+    assert images[1] is None and digests[1] is None
+    assert Image.open(io.BytesIO(images[2])).size == (128, 64)
+    assert digests[0] == hashlib.sha256(images[0]).hexdigest()
+    assert "Size: 64x64" in read_infotext(images[0])
+
+
+def test_stage_names_missing_columns(generate_stage):
+    with pytest.raises(ValueError, match="generate: missing input columns .*seed"):
+        generate_stage(pa.table({"id": ["a"], "prompt": ["x"]}))
+    with pytest.raises(InputError, match="no 'prompt' column"):
+        PrepareStage(GenerationConfig())(pa.table({"text": ["x"]}))
+
+
+def test_engine_failure_becomes_an_error_row(generate_stage, monkeypatch):
+    prepared = PrepareStage(GenerationConfig())(
+        pa.table({"id": ["a", "b"], "prompt": ["x", "y"], "steps": [2, 2]})
+    )
+
+    def fail_on_b(requests):
+        if any(r.id == "b" for r in requests):
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return original(requests)
+
+    original = generate_stage.engine.generate
+    monkeypatch.setattr(generate_stage.engine, "generate", fail_on_b)
+    out = generate_stage(prepared)
+    assert out.column("status").to_pylist() == ["ok", "error"]
+    assert "out of memory" in out.column("error").to_pylist()[1]
+
+
+def test_infotext_a1111_form():
+    assert infotext(PARAMS) == (
+        "a fox\nNegative prompt: blurry\n"
+        "Steps: 20, Sampler: Euler a, CFG scale: 7.5, Seed: 42, Size: 64x32, Model: tiny"
+    )
+    assert "Negative prompt" not in infotext({**PARAMS, "negative_prompt": ""})
+
+
+@pytest.mark.parametrize("image_format", ["png", "jpeg", "webp"])
+def test_every_image_format_carries_its_parameters(image_format):
+    pixels = np.random.default_rng(0).integers(0, 255, (32, 64, 3), dtype=np.uint8)
+    data = encode_image(pixels, image_format, infotext(PARAMS))
+    image = Image.open(io.BytesIO(data))
+    assert image.size == (64, 32)
+    assert image.format == {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}[image_format]
+    assert read_infotext(data) == infotext(PARAMS)
