@@ -224,9 +224,11 @@ def prepare_table(table: pa.Table, config: GenerationConfig) -> pa.Table:
     """Validate and complete every row of a prompt table (one block of it).
 
     Returns the request columns in `PREPARED_SCHEMA` plus `status`/`error`, followed by the
-    carried-through columns unchanged. Invalid rows get status "error"; none are dropped.
+    carried-through columns unchanged. Invalid rows get status "error"; none are dropped. The
+    reader has already refused tables without a `prompt` column; a block without one (JSON
+    lines that all lack it) is a block of rows with null prompts.
     """
-    check_columns([n for n in table.column_names if not n.startswith("__sdray")])
+    check_columns([n for n in table.column_names if not n.startswith("__sdray")] + ["prompt"])
     carried = [
         n for n in table.column_names if n not in REQUEST_COLUMNS and not n.startswith("__sdray")
     ]

@@ -136,6 +136,44 @@ def read_prompt_file(
         yield tag(table.slice(start, READ_CHUNK_ROWS))
 
 
+def peek_columns(file: dict[str, str], storage_options: dict[str, Any] | None = None) -> list[str]:
+    """A prompt file's column names, read cheaply (Parquet footer, CSV header, first JSON lines)."""
+    fs, path = filesystem(file["uri"], storage_options)
+    with fs.open(path, "rb") as handle:
+        if file["format"] == "parquet":
+            import pyarrow.parquet as pq
+
+            return pq.read_schema(handle).names
+        if file["format"] == "csv":
+            from pyarrow import csv
+
+            return csv.open_csv(handle).schema.names
+        names: dict[str, None] = {}
+        for number, line in enumerate(handle):
+            if number >= 1000:
+                break
+            try:
+                row = json.loads(line) if line.strip() else {}
+            except json.JSONDecodeError as error:
+                raise InputError(
+                    f"{file['uri']}: line {number + 1} is not valid JSON ({error})"
+                ) from None
+            names.update(dict.fromkeys(row if isinstance(row, dict) else ()))
+        return list(names)
+
+
+def check_prompt_files(
+    files: list[dict[str, str]], storage_options: dict[str, Any] | None = None
+) -> None:
+    """Refuse, before any task runs, tables without `prompt` or with sdray's own columns."""
+    from sdray.requests import check_columns
+
+    names: dict[str, None] = {}
+    for file in files[:64]:
+        names.update(dict.fromkeys(peek_columns(file, storage_options)))
+    check_columns(list(names))
+
+
 def _read_files_udf(batch: dict[str, Any], storage_options: dict[str, Any] | None):
     for uri, source, fmt in zip(batch["uri"], batch["source"], batch["format"], strict=True):
         yield from read_prompt_file({"uri": uri, "source": source, "format": fmt}, storage_options)
@@ -146,6 +184,7 @@ def read_prompts(uri: str, storage_options: dict[str, Any] | None = None):
     import ray
 
     files = list_prompt_files(uri, storage_options)
+    check_prompt_files(files, storage_options)
     return ray.data.from_items(files).map_batches(
         _read_files_udf,
         batch_size=1,

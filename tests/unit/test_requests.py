@@ -8,6 +8,7 @@ from sdray.errors import InputError
 from sdray.requests import (
     ROW_COLUMN,
     SOURCE_COLUMN,
+    check_columns,
     derive_id,
     derive_seed,
     prepare_table,
@@ -122,7 +123,9 @@ def test_null_id_is_an_error_row():
 
 def test_missing_prompt_column_is_refused():
     with pytest.raises(InputError, match="no 'prompt' column"):
-        prepare_table(_table(text=["a"]), CONFIG)
+        check_columns(["text"])
+    out = prepare_table(_table(text=["a"]), CONFIG)  # a block of JSON lines without prompts
+    assert out.column("status").to_pylist() == ["error"]
 
 
 def test_reserved_columns_are_refused():
