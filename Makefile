@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DEMO_OUT ?= demo-output
 
-.PHONY: demo test lint format bench clean venv
+.PHONY: demo test lint format bench clean venv browser
 
 venv: $(STAMP)
 
@@ -20,8 +20,16 @@ $(STAMP): requirements.txt pyproject.toml
 demo: $(STAMP)
 	$(BIN)/sdray generate --input configs/examples/prompts.csv --output $(DEMO_OUT) --overwrite
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(BIN)/python -m pytest -q -ra tests
+
+# Headless Chromium renders the sweep gallery in the tests (Debian's package; root installs it).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+	      || echo "note: could not install chromium; the gallery browser test will be skipped"; \
+	  else echo "note: chromium not found; install Debian's 'chromium' to run the gallery browser test"; fi; }
 
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

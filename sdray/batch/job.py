@@ -41,6 +41,7 @@ class JobSummary:
     wall_seconds: float
     images_per_second: float
     manifest: dict[str, Any]
+    shards: list[dict[str, Any]]
 
     def line(self) -> str:
         return (
@@ -413,4 +414,5 @@ def run_generate(
         wall_seconds=wall,
         images_per_second=rate,
         manifest=manifest,
+        shards=sink.shards,
     )

@@ -1,0 +1,20 @@
+"""Benchmark: plain diffusers loop vs the engine vs the Ray Data pipeline (same as `sdray bench`).
+
+python pipelines/bench.py --rows 64 --set generation.steps=20
+"""
+
+import argparse
+
+from sdray.bench import run_bench
+from sdray.config import load_config
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--config")
+    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--rows", type=int, default=64)
+    parser.add_argument("--skip-ray", action="store_true")
+    args = parser.parse_args()
+    run_bench(
+        load_config(args.config, args.overrides), rows=args.rows, include_ray=not args.skip_ray
+    )
