@@ -223,10 +223,10 @@ def run_bench(config: SdrayConfig, *, rows: int = 64, include_ray: bool = True) 
     lines.append(f"  engine load in-process: {engine.load_seconds:.2f}s")
 
     if include_ray:
-        from sdray.batch.job import ensure_ray, model_identity
+        from sdray.batch.job import ensure_ray
 
         ensure_ray()
-        startup = _actor_startup_seconds(config, model_identity(config)["name"])
+        startup = _actor_startup_seconds(config, engine.model_name)
         summary, worker_mb = _ray_pipeline(config, requests, cores)
         # Steady state: the generate phase less one actor start-up (actors start in parallel).
         busy = summary.manifest["timings"]["generate_s"] - startup

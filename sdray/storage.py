@@ -2,12 +2,42 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import time
 import uuid
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+# Errors that no retry can fix; anything else from a store (throttling, resets, 5xx) is retried.
+PERMANENT_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, ValueError, TypeError)
+
+
+def with_retries(action: Callable[[], T], what: str, attempts: int = 5, delay: float = 0.5) -> T:
+    """Run a storage action, retrying transient failures with exponential backoff."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return action()
+        except PERMANENT_ERRORS:
+            raise
+        except Exception as error:  # noqa: BLE001 - stores raise many transient types
+            if attempt == attempts:
+                raise
+            log.warning(
+                "%s failed (%s: %s); retry %d/%d",
+                what,
+                type(error).__name__,
+                error,
+                attempt,
+                attempts - 1,
+            )
+            time.sleep(delay * 2 ** (attempt - 1))
+    raise AssertionError("unreachable")
 
 
 def filesystem(uri: str, storage_options: dict[str, Any] | None = None):
@@ -50,8 +80,12 @@ def write_bytes_atomic(fs, path: str, data: bytes) -> None:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     else:
-        with fs.open(path, "wb") as handle:
-            handle.write(data)
+
+        def upload() -> None:
+            with fs.open(path, "wb") as handle:
+                handle.write(data)
+
+        with_retries(upload, f"writing {path}")
 
 
 def is_nonempty(fs, path: str) -> bool:

@@ -20,7 +20,7 @@ from sdray.batch.sink import IMAGES_DIR, METADATA_DIR, ImageDatasink
 from sdray.batch.stages import EncodeStage, GenerateStage, PrepareStage
 from sdray.config import SdrayConfig
 from sdray.errors import InputError, SdrayError
-from sdray.models import model_hash, resolve_model
+from sdray.models import model_identity
 from sdray.requests import BATCH_KEY_COLUMN
 from sdray.storage import filesystem, is_nonempty, join, write_bytes_atomic
 
@@ -51,12 +51,25 @@ class JobSummary:
         )
 
 
+# Passed from the driver to every worker of the job, so credentials and endpoints set where
+# `sdray` runs (the standard AWS variables, sdray's cache) reach the tasks that read and write.
+FORWARDED_ENV_PREFIXES = ("AWS_", "SDRAY_", "HF_HUB_OFFLINE", "S3_")
+
+
 def ensure_ray() -> None:
     """Connect to the cluster in RAY_ADDRESS, or start a local one, once per process."""
+    import os
+
     import ray
 
     if not ray.is_initialized():
-        ray.init(logging_level=logging.WARNING, log_to_driver=True, include_dashboard=False)
+        env = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIXES)}
+        ray.init(
+            logging_level=logging.WARNING,
+            log_to_driver=True,
+            include_dashboard=False,
+            runtime_env={"env_vars": env} if env else None,
+        )
 
 
 def package_versions() -> dict[str, str]:
@@ -67,17 +80,6 @@ def package_versions() -> dict[str, str]:
         except importlib_metadata.PackageNotFoundError:
             versions[name] = "unknown"
     return versions
-
-
-def model_identity(config: SdrayConfig) -> dict[str, str]:
-    """The model's source, display name and content hash, checked before any actor starts."""
-    files = resolve_model(
-        config.model.source,
-        cache_dir=config.model.cache_dir,
-        allow_pickle=config.model.allow_pickle,
-        storage_options=config.storage.storage_options,
-    )
-    return {"source": files.source, "name": files.name, "sha256": model_hash(files.directory)}
 
 
 def fingerprint_parts(config: SdrayConfig, model: dict[str, str]) -> dict[str, Any]:
@@ -268,7 +270,12 @@ def run_generate(
     for column in config.output.partition_by:
         if column in ("id", "image_path", "sha256", "error"):
             raise SdrayError(f"output.partition_by: cannot partition by {column!r}")
-    model = model_identity(config)
+    model = model_identity(
+        config.model.source,
+        cache_dir=config.model.cache_dir,
+        allow_pickle=config.model.allow_pickle,
+        storage_options=storage,
+    )
     parts = fingerprint_parts(config, model)
     if previous is not None:
         _check_resumable(previous, parts, output_uri)
@@ -376,6 +383,12 @@ def run_generate(
                 .write_datasink(sink, ray_remote_args={"num_cpus": 0.25})
             )
     except Exception as error:
+        if "sdray: aborting the run" in str(error):
+            message = str(error).split("sdray: aborting the run", 1)[1].split("\n", 1)[0]
+            raise SdrayError(
+                f"aborting the run{message}. Committed shards are kept; fix the cause and "
+                "continue with --resume."
+            ) from None
         raise _unwrap(error) from None
     generate_seconds = time.perf_counter() - generate_started
 

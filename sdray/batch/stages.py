@@ -46,6 +46,15 @@ class PrepareStage:
         return prepare_table(batch, self.generation)  # refuses a table without `prompt` itself
 
 
+# Fault injection for tests: when set to a path, the first model actor to see a batch creates
+# that file and dies, so tests can show a crashed actor's batch is retried and nothing is lost.
+CRASH_ONCE_ENV = "SDRAY_TEST_CRASH_ONCE"
+
+
+class ErrorBudgetExceeded(RuntimeError):
+    """Raised by a model actor when most rows fail, to stop a run burning GPU hours."""
+
+
 class GenerateStage:
     """Model actor: loads the engine once, then turns ok rows into raw pixels."""
 
@@ -56,6 +65,8 @@ class GenerateStage:
         batch_size: int,
         torch_threads: int | None = None,
         storage_options: dict[str, Any] | None = None,
+        max_error_fraction: float = 1.0,
+        min_rows_for_budget: int = 32,
     ) -> None:
         from sdray.engine import DiffusionEngine
 
@@ -67,10 +78,15 @@ class GenerateStage:
             storage_options=storage_options,
         )
         self.model_name = model_name
+        self.max_error_fraction = max_error_fraction
+        self.min_rows_for_budget = min_rows_for_budget
+        self.attempted = 0
+        self.failed = 0
         log.info("model actor ready in %.1fs", time.perf_counter() - started)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         require_columns(batch, [f.name for f in PREPARED_SCHEMA], "generate")
+        _maybe_crash_once()
         rows = batch.select([f.name for f in PREPARED_SCHEMA]).to_pylist()
         status = [r["status"] for r in rows]
         errors = [r["error"] for r in rows]
@@ -84,11 +100,24 @@ class GenerateStage:
                 pixels[index] = result.image.tobytes()
             else:
                 status[index], errors[index] = "error", result.error
+                self.failed += 1
+        self.attempted += len(todo)
+        self._check_budget()
         batch = _set_column(batch, "model", [self.model_name] * len(rows), pa.string())
         batch = _set_column(batch, "status", status, pa.string())
         batch = _set_column(batch, "error", errors, pa.string())
         batch = _set_column(batch, "truncated", truncated, pa.bool_())
         return _set_column(batch, PIXELS_COLUMN, pixels, pa.binary())
+
+    def _check_budget(self) -> None:
+        """Abort when this actor has seen enough rows and too many of them failed."""
+        if self.attempted >= self.min_rows_for_budget and (
+            self.failed / self.attempted > self.max_error_fraction
+        ):
+            raise ErrorBudgetExceeded(
+                f"sdray: aborting the run: {self.failed} of {self.attempted} rows failed in one "
+                f"model actor, above batch.max_error_fraction={self.max_error_fraction}"
+            )
 
     def _generate(self, requests):
         """Generate; if a whole batch raises, retry row by row so one bad row fails alone."""
@@ -104,6 +133,21 @@ class GenerateStage:
                 message = f"generation failed: {type(error).__name__}: {error}"
                 return [GenerationResult(requests[0], None, False, message)]
             return [result for request in requests for result in self._generate([request])]
+
+
+def _maybe_crash_once() -> None:
+    import os
+
+    marker = os.environ.get(CRASH_ONCE_ENV)
+    if not marker:
+        return
+    try:
+        fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return
+    os.close(fd)
+    log.warning("%s: crashing this model actor once on purpose", CRASH_ONCE_ENV)
+    os._exit(1)
 
 
 class EncodeStage:

@@ -150,6 +150,58 @@ def model_hash(directory: Path) -> str:
     return value
 
 
+def remote_model_hash(source: str, storage_options: dict[str, Any] | None = None) -> str:
+    """sha256 over a remote model's listing (paths, sizes, ETags): its identity, no download."""
+    from sdray.storage import filesystem
+
+    fs, path = filesystem(source, storage_options)
+    base = path.rstrip("/") + "/"
+    listing = fs.find(base, detail=True)
+    if not listing:
+        raise ModelError(f"model.source {source!r} does not exist or is empty")
+    missing = [
+        c
+        for c in REQUIRED_COMPONENTS
+        if not any(k[len(base) :].startswith(c + "/") for k in listing)
+    ]
+    if missing:
+        raise ModelError(
+            f"model {source!r} is not a diffusers directory: missing "
+            + ", ".join(m + "/" for m in missing)
+        )
+    entries = sorted(
+        (
+            key[len(base) :],
+            info.get("size"),
+            str(info.get("ETag") or info.get("etag") or info.get("mtime") or ""),
+        )
+        for key, info in listing.items()
+    )
+    return hashlib.sha256(json.dumps(entries).encode()).hexdigest()
+
+
+def model_identity(
+    source: str,
+    *,
+    cache_dir: str | None = None,
+    allow_pickle: bool = False,
+    storage_options: dict[str, Any] | None = None,
+) -> dict[str, str]:
+    """The model's source, display name and content hash, checked before any actor starts.
+
+    Local and tiny models are hashed by content; a remote model by its listing, so the driver
+    never downloads weights it does not use.
+    """
+    if _is_remote(source):
+        return {
+            "source": source,
+            "name": source.rstrip("/"),
+            "sha256": remote_model_hash(source, storage_options),
+        }
+    files = resolve_model(source, cache_dir=cache_dir, allow_pickle=allow_pickle)
+    return {"source": files.source, "name": files.name, "sha256": model_hash(files.directory)}
+
+
 def load_components(
     files: ModelFiles, *, device: str, dtype: str, allow_pickle: bool = False
 ) -> dict[str, Any]:

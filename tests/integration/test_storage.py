@@ -1,0 +1,243 @@
+"""Object storage and output formats against a real S3 API server on loopback."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from sdray.images import read_infotext
+from sdray.models import resolve_model
+
+from .s3 import CREDENTIALS, FlakyProxy, MotoServer
+
+pytestmark = pytest.mark.integration
+
+SDRAY = str(Path(sys.executable).with_name("sdray"))
+BUCKET = "sdray-test"
+FAST = [
+    "--no-progress",
+    "--set",
+    "generation.steps=2",
+    "--set",
+    "generation.width=64",
+    "--set",
+    "generation.height=64",
+    "--set",
+    "batch.min_actors=2",
+    "--set",
+    "batch.max_actors=2",
+]
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    server = MotoServer(tmp_path_factory.mktemp("moto") / "moto.log")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def s3fs_client(s3):
+    import s3fs
+
+    fs = s3fs.S3FileSystem(
+        key=CREDENTIALS["AWS_ACCESS_KEY_ID"],
+        secret=CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
+        client_kwargs={"endpoint_url": s3.endpoint},
+        use_listings_cache=False,
+    )
+    fs.mkdir(BUCKET)
+    return fs
+
+
+@pytest.fixture(scope="module")
+def s3_env(sdray_env, s3):
+    return {**sdray_env, **CREDENTIALS, "AWS_ENDPOINT_URL": s3.endpoint}
+
+
+def run_cli(args, env, timeout=300):
+    return subprocess.run([SDRAY, *args], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def prompts_table(n: int) -> pa.Table:
+    return pa.table(
+        {
+            "id": [f"p{i}" for i in range(n)],
+            "prompt": [f"a lighthouse, variation {i}" for i in range(n)],
+            "scheduler": ["ddim" if i % 2 else "euler" for i in range(n)],
+            "negative_prompt": ["blurry" if i % 3 == 0 else None for i in range(n)],
+            "tag": [f"t{i}" for i in range(n)],
+        }
+    )
+
+
+def put_table(fs, path: str, table: pa.Table) -> None:
+    with fs.open(path, "wb") as handle:
+        pq.write_table(table, handle)
+
+
+def s3_metadata(fs, prefix: str) -> list[dict]:
+    dataset = pads.dataset(
+        f"{prefix}/metadata", filesystem=fs, format="parquet", partitioning="hive"
+    )
+    return dataset.to_table().to_pylist()
+
+
+def test_s3_round_trip_with_model_from_bucket(s3, s3fs_client, s3_env, model_cache):
+    fs = s3fs_client
+    fs.put(str(resolve_model("tiny").directory) + "/", f"{BUCKET}/models/tiny/", recursive=True)
+    put_table(fs, f"{BUCKET}/prompts/a.parquet", prompts_table(6))
+    result = run_cli(
+        [
+            "generate",
+            "--input",
+            f"s3://{BUCKET}/prompts/",
+            "--output",
+            f"s3://{BUCKET}/out-files",
+            "--set",
+            f"model.source=s3://{BUCKET}/models/tiny/",
+            *FAST,
+        ],
+        s3_env,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    rows = s3_metadata(fs, f"{BUCKET}/out-files")
+    assert sorted(r["id"] for r in rows) == [f"p{i}" for i in range(6)]
+    for row in rows:
+        assert row["status"] == "ok" and row["model"] == f"s3://{BUCKET}/models/tiny"
+        data = fs.cat(f"{BUCKET}/out-files/{row['image_path']}")
+
+        assert hashlib.sha256(data).hexdigest() == row["sha256"]
+        assert Image.open(io.BytesIO(data)).size == (64, 64)
+    manifest = json.loads(fs.cat(f"{BUCKET}/out-files/manifest.json"))
+    assert manifest["model"]["source"] == f"s3://{BUCKET}/models/tiny/"
+    assert manifest["counts"]["ok"] == 6
+    # Two actors on this node, one download: the weights were fetched exactly once.
+    assert s3.requests("GET", "models/tiny/unet/diffusion_pytorch_model.safetensors") == 1
+    cached = list((model_cache / "remote").iterdir())
+    assert len([p for p in cached if p.is_dir()]) == 1
+    assert not any(p.name.endswith(".partial") for p in cached)
+
+
+def test_webdataset_shards_with_partitions_on_s3(s3fs_client, s3_env, tmp_path):
+    import webdataset as wds
+
+    fs = s3fs_client
+    put_table(fs, f"{BUCKET}/prompts-wds/a.parquet", prompts_table(7))
+    result = run_cli(
+        [
+            "generate",
+            "--input",
+            f"s3://{BUCKET}/prompts-wds/a.parquet",
+            "--output",
+            f"s3://{BUCKET}/out-wds",
+            *FAST,
+            "--set",
+            "output.format=webdataset",
+            "--set",
+            "output.rows_per_shard=2",
+            "--set",
+            "output.partition_by=[scheduler]",
+            "--set",
+            "output.image_format=webp",
+        ],
+        s3_env,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    rows = s3_metadata(fs, f"{BUCKET}/out-wds")
+    assert len(rows) == 7 and {r["scheduler"] for r in rows} == {"ddim", "euler"}
+    tars = fs.find(f"{BUCKET}/out-wds/images")
+    assert tars and all(t.endswith(".tar") for t in tars)
+    assert {t.split("/")[3] for t in tars} == {"scheduler=ddim", "scheduler=euler"}
+    metadata_files = fs.find(f"{BUCKET}/out-wds/metadata")
+    assert {m.split("/")[3] for m in metadata_files} == {"scheduler=ddim", "scheduler=euler"}
+
+    # Read the shards back with the webdataset library itself, from local copies.
+    local = tmp_path / "shards"
+    local.mkdir()
+    paths = []
+    for i, tar in enumerate(tars):
+        paths.append(str(local / f"{i}.tar"))
+        fs.get(tar, paths[-1])
+    samples = {s["__key__"]: s for s in wds.WebDataset(paths, shardshuffle=False)}
+    by_sha = {r["sha256"]: r for r in rows}
+    assert len(samples) == 7
+    for sample in samples.values():
+        meta = json.loads(sample["json"])
+
+        assert hashlib.sha256(sample["webp"]).hexdigest() in by_sha
+        assert meta["prompt"] in read_infotext(sample["webp"])
+        assert Image.open(io.BytesIO(sample["webp"])).format == "WEBP"
+
+
+def test_transient_storage_errors_are_retried(s3, s3fs_client, s3_env):
+    proxy = FlakyProxy(s3.port, every=3)
+    try:
+        fs = s3fs_client
+        put_table(fs, f"{BUCKET}/prompts-flaky/a.parquet", prompts_table(6))
+        env = {**s3_env, "AWS_ENDPOINT_URL": proxy.endpoint}
+        result = run_cli(
+            [
+                "generate",
+                "--input",
+                f"s3://{BUCKET}/prompts-flaky/",
+                "--output",
+                f"s3://{BUCKET}/out-flaky",
+                *FAST,
+                "--set",
+                "output.rows_per_shard=2",
+            ],
+            env,
+        )
+    finally:
+        proxy.stop()
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert proxy.failed >= 3
+    rows = s3_metadata(fs, f"{BUCKET}/out-flaky")
+    assert sorted(r["id"] for r in rows) == [f"p{i}" for i in range(6)]
+    for row in rows:
+        assert fs.exists(f"{BUCKET}/out-flaky/{row['image_path']}")
+
+
+def test_parquet_format_locally(tmp_path, sdray_env):
+    source = tmp_path / "p.parquet"
+    pq.write_table(prompts_table(5), source)
+    output = tmp_path / "out"
+    result = run_cli(
+        [
+            "generate",
+            "--input",
+            str(source),
+            "--output",
+            str(output),
+            *FAST,
+            "--set",
+            "output.format=parquet",
+            "--set",
+            "output.image_format=jpeg",
+        ],
+        sdray_env,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    rows = {r["id"]: r for r in pq.read_table(output / "metadata").to_pylist()}
+    images = pq.read_table(output / "images").to_pylist()
+    assert len(images) == 5
+
+    for image in images:
+        row = rows[image["id"]]
+        assert hashlib.sha256(image["image"]).hexdigest() == row["sha256"]
+        assert row["image_path"].endswith("#" + image["key"])
+        assert Image.open(io.BytesIO(image["image"])).format == "JPEG"
+        assert "Steps: 2" in read_infotext(image["image"])
