@@ -253,8 +253,13 @@ def run_generate(
     resume: bool = False,
     progress: bool = True,
     extra_owned: tuple[str, ...] = (),
+    generate_stage: type = GenerateStage,
 ) -> JobSummary:
-    """Run an offline generation job end to end; the CLI, pipelines/ and sweeps all call this."""
+    """Run an offline generation job end to end; the CLI, pipelines/ and sweeps all call this.
+
+    `generate_stage` is the model actor class; only benchmarks of the bookkeeping swap it for a
+    stand-in.
+    """
     from ray.data import ActorPoolStrategy
 
     started = time.perf_counter()

@@ -95,3 +95,28 @@ def test_every_image_format_carries_its_parameters(image_format):
     assert image.size == (64, 32)
     assert image.format == {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}[image_format]
     assert read_infotext(data) == infotext(PARAMS)
+
+
+def test_mostly_failing_run_is_aborted(model_cache, monkeypatch):
+    """batch.max_error_fraction stops a model actor once too many of its rows failed."""
+    from sdray.batch.stages import ErrorBudgetExceeded
+
+    stage = GenerateStage(
+        ModelConfig(device="cpu"),
+        model_name="tiny",
+        batch_size=4,
+        max_error_fraction=0.5,
+        min_rows_for_budget=4,
+    )
+
+    def always_fail(requests):
+        raise RuntimeError("NaN everywhere (simulated)")
+
+    monkeypatch.setattr(stage.engine, "generate", always_fail)
+    prepared = PrepareStage(GenerationConfig())(
+        pa.table({"prompt": ["a", "b"], "steps": [1, 1]})
+    )
+    out = stage(prepared)  # 2 of 2 failed, but fewer rows than the budget's minimum
+    assert out.column("status").to_pylist() == ["error", "error"]
+    with pytest.raises(ErrorBudgetExceeded, match="4 of 4 rows failed"):
+        stage(prepared)

@@ -1,0 +1,198 @@
+"""Runs that survive kills and faults: SIGKILL and resume, a crashing actor, config changes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+pytestmark = pytest.mark.integration
+
+SDRAY = str(Path(sys.executable).with_name("sdray"))
+JOB = [
+    "--no-progress",
+    "--set",
+    "generation.steps=25",
+    "--set",
+    "generation.width=128",
+    "--set",
+    "generation.height=128",
+    "--set",
+    "batch.batch_size=2",
+    "--set",
+    "output.rows_per_shard=2",
+    "--set",
+    "batch.min_actors=2",
+    "--set",
+    "batch.max_actors=2",
+]
+
+
+def write_prompts(path: Path, n: int) -> None:
+    pq.write_table(
+        pa.table(
+            {
+                "id": [f"r{i:03d}" for i in range(n)],
+                "prompt": [f"a city, view {i}" for i in range(n)],
+            }
+        ),
+        path,
+    )
+
+
+def metadata_rows(output: Path) -> list[dict]:
+    return pq.read_table(output / "metadata").to_pylist()
+
+
+def check_invariants(output: Path, n: int) -> list[dict]:
+    rows = metadata_rows(output)
+    ids = [r["id"] for r in rows]
+    assert len(ids) == len(set(ids)) == n, "every input row exactly once"
+    assert set(ids) == {f"r{i:03d}" for i in range(n)}
+    for row in rows:
+        assert row["status"] == "ok", row
+        data = (output / row["image_path"]).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == row["sha256"]
+    return rows
+
+
+def committed_shards(output: Path) -> dict[str, int]:
+    directory = output / "metadata"
+    if not directory.exists():
+        return {}
+    return {p.name: p.stat().st_mtime_ns for p in directory.glob("*.parquet")}
+
+
+def test_sigkill_then_resume(tmp_path, sdray_env):
+    n = 40
+    source = tmp_path / "prompts.parquet"
+    write_prompts(source, n)
+    output = tmp_path / "out"
+    driver = subprocess.Popen(
+        [SDRAY, "generate", "--input", str(source), "--output", str(output), *JOB],
+        env=sdray_env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and len(committed_shards(output)) < 3:
+        assert driver.poll() is None, "the run finished before it could be killed"
+        time.sleep(0.05)
+    driver.send_signal(signal.SIGKILL)
+    driver.wait(timeout=30)
+    before = committed_shards(output)
+    assert 3 <= len(before) < n // 2, f"killed after {len(before)} shards"
+    committed_ids = {r["id"] for r in metadata_rows(output)}
+    assert len(committed_ids) == 2 * len(before)
+    # No reader ever sees a half-written file: every visible metadata shard parses.
+    for name in before:
+        assert pq.read_metadata(output / "metadata" / name).num_rows == 2
+
+    refused = subprocess.run(
+        [SDRAY, "generate", "--input", str(source), "--output", str(output), *JOB],
+        env=sdray_env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert refused.returncode != 0 and "--resume" in refused.stderr
+
+    resumed = subprocess.run(
+        [SDRAY, "generate", "--input", str(source), "--output", str(output), "--resume", *JOB],
+        env=sdray_env,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    manifest = json.loads((output / "manifest.json").read_text())
+    assert manifest["resumed"] is True
+    assert manifest["counts"]["generated_this_run"] == n - len(committed_ids)
+    check_invariants(output, n)
+    after = committed_shards(output)
+    # Committed shards were left alone, and their rows were not generated again.
+    assert {k: after[k] for k in before} == before
+    new_rows = sum(
+        pq.read_metadata(output / "metadata" / k).num_rows for k in after if k not in before
+    )
+    assert new_rows == n - len(committed_ids)
+
+
+def test_crashing_actor_is_retried(tmp_path, sdray_env):
+    n = 12
+    source = tmp_path / "prompts.parquet"
+    write_prompts(source, n)
+    marker = tmp_path / "crashed"
+    env = {**sdray_env, "SDRAY_TEST_CRASH_ONCE": str(marker)}
+    result = subprocess.run(
+        [
+            SDRAY,
+            "generate",
+            "--input",
+            str(source),
+            "--output",
+            str(tmp_path / "out"),
+            *JOB,
+            "--set",
+            "generation.steps=2",
+            "--set",
+            "generation.width=64",
+            "--set",
+            "generation.height=64",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert marker.exists(), "the fault was injected"
+    check_invariants(tmp_path / "out", n)
+
+
+def test_resume_refuses_changed_config(tmp_path, sdray_env):
+    source = tmp_path / "p.csv"
+    source.write_text("prompt\na fox\n")
+    output = tmp_path / "out"
+    base = [
+        SDRAY,
+        "generate",
+        "--input",
+        str(source),
+        "--output",
+        str(output),
+        "--no-progress",
+        "--set",
+        "generation.steps=1",
+        "--set",
+        "generation.width=64",
+        "--set",
+        "generation.height=64",
+    ]
+    first = subprocess.run(base, env=sdray_env, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+    changed = subprocess.run(
+        [*base, "--resume", "--set", "generation.guidance_scale=3"],
+        env=sdray_env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert changed.returncode == 2
+    assert "generation.guidance_scale: 7.5 -> 3.0" in changed.stderr
+    assert "Traceback" not in changed.stderr
+    same = subprocess.run(
+        [*base, "--resume"], env=sdray_env, capture_output=True, text=True, timeout=300
+    )
+    assert same.returncode == 0, same.stderr[-3000:]
+    assert json.loads((output / "manifest.json").read_text())["counts"]["generated_this_run"] == 0
+    assert os.listdir(output / "metadata") and len(metadata_rows(output)) == 1
