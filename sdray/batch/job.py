@@ -371,7 +371,7 @@ def run_generate(
             (
                 todo.repartition(target_num_rows_per_block=rows_per_block)
                 .map_batches(
-                    GenerateStage,
+                    generate_stage,
                     fn_constructor_kwargs={
                         "model": config.model,
                         "model_name": model["name"],
