@@ -11,6 +11,9 @@ from sdray.errors import SdrayError
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks"
+    )
     parser.add_argument("--config", help="YAML config file (default: the embedded CPU config)")
     parser.add_argument(
         "--set",

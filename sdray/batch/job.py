@@ -47,7 +47,7 @@ class JobSummary:
         return (
             f"{self.ok} images ok, {self.error} rows in error, "
             f"{self.images_per_second:.2f} images/s, {self.wall_seconds:.1f}s; "
-            f"output: {self.output_uri} (metadata in {METADATA_DIR}/, {MANIFEST})"
+            f"output: {self.output_uri} ({IMAGES_DIR}/, {METADATA_DIR}/*.parquet, {MANIFEST})"
         )
 
 
