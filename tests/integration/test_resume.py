@@ -73,7 +73,7 @@ def committed_shards(output: Path) -> dict[str, int]:
 
 
 def test_sigkill_then_resume(tmp_path, sdray_env):
-    n = 40
+    n = 60
     source = tmp_path / "prompts.parquet"
     write_prompts(source, n)
     output = tmp_path / "out"
@@ -90,7 +90,7 @@ def test_sigkill_then_resume(tmp_path, sdray_env):
     driver.send_signal(signal.SIGKILL)
     driver.wait(timeout=30)
     before = committed_shards(output)
-    assert 3 <= len(before) < n // 2, f"killed after {len(before)} shards"
+    assert 3 <= len(before) < n // 2, f"killed after {len(before)} of {n // 2} shards"
     committed_ids = {r["id"] for r in metadata_rows(output)}
     assert len(committed_ids) == 2 * len(before)
     # No reader ever sees a half-written file: every visible metadata shard parses.
