@@ -42,7 +42,9 @@ class ApiError(Exception):
     def body(self) -> dict[str, Any]:
         """The OpenAI error body: {"error": {"message", "type", "param", "code"}}."""
         return ErrorBody(
-            error=ErrorDetail(message=self.message, type=self.type, param=self.param, code=self.code)
+            error=ErrorDetail(
+                message=self.message, type=self.type, param=self.param, code=self.code
+            )
         ).model_dump()
 
 
@@ -249,7 +251,10 @@ def _requests(
         field = errors[0].split("=", 1)[0]
         param = size_param if size_param and field in ("width", "height") else field
         raise ApiError(
-            400, f"Invalid value for '{param}': {'; '.join(errors)}.", param=param, code="invalid_value"
+            400,
+            f"Invalid value for '{param}': {'; '.join(errors)}.",
+            param=param,
+            code="invalid_value",
         )
     prefix = uuid.uuid4().hex
     return [
