@@ -48,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--output", required=True, help="output directory URI")
     _add_config_args(sweep)
     _add_run_mode_args(sweep)
+    sweep.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
     serve = commands.add_parser("serve", help="serve the engine over HTTP with Ray Serve")
     _add_config_args(serve)
@@ -84,7 +85,12 @@ def _sweep(args) -> int:
 
     config = load_config(args.config, args.overrides)
     summary = run_sweep(
-        args.spec, args.output, config, overwrite=args.overwrite, resume=args.resume
+        args.spec,
+        args.output,
+        config,
+        overwrite=args.overwrite,
+        resume=args.resume,
+        progress=not args.no_progress,
     )
     print(summary.line())
     return 0
