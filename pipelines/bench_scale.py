@@ -4,8 +4,9 @@
 
 The model actor is replaced by a clearly labelled STAND-IN that generates nothing and only marks
 rows ok, so what is measured is sdray's own work: reading, validating, id checks, ordering,
-metadata shards, manifest, and the resume anti-join. Each phase runs in a fresh driver process
-so its peak RSS is its own.
+metadata shards, manifest, and the resume anti-join (of an output that lost every other shard,
+as an interrupted run would). Each phase runs in a fresh driver process so its peak RSS is its
+own.
 """
 
 from __future__ import annotations
@@ -104,6 +105,13 @@ def main() -> None:
         write_prompts(inputs, args.rows)
         output = Path(tmp) / "out"
         for name in ("run", "resume"):
+            if name == "resume":
+                # An interrupted run: drop every other committed metadata shard, so the resume
+                # anti-joins ~half the ids as committed and writes the other half again.
+                shards = sorted((output / "metadata").rglob("*.parquet"))
+                for shard in shards[::2]:
+                    shard.unlink()
+                print(f"dropped {len(shards[::2])} of {len(shards)} metadata shards", flush=True)
             child = subprocess.run(
                 [
                     sys.executable,

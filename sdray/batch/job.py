@@ -239,6 +239,14 @@ def _duplicate_ids(prepared, rows: int, limit: int = 10) -> list[str]:
     return [row["id"] for row in dupes]
 
 
+def _invalid_examples(prepared, limit: int = 5) -> list[str]:
+    """A few invalid rows as `id: error`, for the user to see before generation starts."""
+    from ray.data.expressions import col
+
+    rows = prepared.filter(expr=col("status") == "error").select_columns(["id", "error"])
+    return [f"{row['id']}: {row['error']}" for row in rows.take(limit)]
+
+
 def _status_counts(prepared) -> dict[str, int]:
     grouped = prepared.groupby("status", num_partitions=1).count()
     return {row["status"]: row["count()"] for row in grouped.take_all()}
@@ -314,10 +322,17 @@ def run_generate(
             f"duplicate ids in the prompt table (each id must be unique): {', '.join(map(repr, duplicates))}"
         )
     invalid = status.get("error", 0)
+    examples = _invalid_examples(prepared) if invalid else []
     if invalid / total > config.batch.max_error_fraction:
         raise InputError(
             f"{invalid} of {total} rows are invalid, above batch.max_error_fraction="
-            f"{config.batch.max_error_fraction}; see the messages by running with a higher limit"
+            f"{config.batch.max_error_fraction}; for example: " + "; ".join(examples)
+        )
+    if invalid:
+        # Reported whatever the progress setting: these rows will not be generated.
+        _say(
+            f"{invalid} invalid rows will be recorded with status=error, for example:\n  "
+            + "\n  ".join(examples)
         )
 
     todo, todo_rows = prepared, total
@@ -378,6 +393,7 @@ def run_generate(
                         "batch_size": batch.batch_size,
                         "torch_threads": batch.torch_threads,
                         "storage_options": storage,
+                        "max_error_fraction": batch.max_error_fraction,
                     },
                     batch_size=batch.batch_size,
                     batch_format="pyarrow",
@@ -385,6 +401,8 @@ def run_generate(
                     **_actor_resources(config),
                 )
                 .map_batches(EncodeStage(config.output), batch_format="pyarrow", num_cpus=0.25)
+                # Exact blocks of rows_per_shard rows (but the last): one block, one shard.
+                .repartition(target_num_rows_per_block=config.output.rows_per_shard, strict=True)
                 .write_datasink(sink, ray_remote_args={"num_cpus": 0.25})
             )
     except Exception as error:

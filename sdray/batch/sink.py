@@ -171,25 +171,20 @@ class ImageDatasink(Datasink):
         self.storage_options = storage_options
         self.shards: list[dict[str, Any]] = []
 
-    @property
-    def min_rows_per_write(self) -> int:
-        return self.rows_per_shard
-
     def write(self, blocks: Iterable[Block], ctx) -> list[dict[str, Any]]:
-        tables = [BlockAccessor.for_block(b).to_arrow() for b in blocks]
-        tables = [t for t in tables if t.num_rows]
-        if not tables:
-            return []
-        table = pa.concat_tables(tables, promote_options="default")
+        # The job hands over blocks of exactly rows_per_shard rows (all but the last), so one
+        # block is one shard; slicing only guards against callers that do not.
         fs, root = filesystem(self.output_uri, self.storage_options)
         writer = WRITERS[self.output_format](self.extension)
-        stats = []
-        for values, part in self._partitions(table):
-            directory = _partition_dir(self.partition_by, values)
-            for start in range(0, part.num_rows, self.rows_per_shard):
-                chunk = part.slice(start, self.rows_per_shard)
-                shard = f"part-{self.run_id}-{ctx.task_idx:05d}-{len(stats):04d}"
-                stats.append(self._write_shard(fs, root, writer, directory, shard, chunk))
+        stats: list[dict[str, Any]] = []
+        for block in blocks:
+            table = BlockAccessor.for_block(block).to_arrow()
+            for values, part in self._partitions(table):
+                directory = _partition_dir(self.partition_by, values)
+                for start in range(0, part.num_rows, self.rows_per_shard):
+                    chunk = part.slice(start, self.rows_per_shard)
+                    shard = f"part-{self.run_id}-{ctx.task_idx:05d}-{len(stats):04d}"
+                    stats.append(self._write_shard(fs, root, writer, directory, shard, chunk))
         return stats
 
     def _partitions(self, table: pa.Table):

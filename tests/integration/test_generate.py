@@ -111,6 +111,9 @@ def test_every_row_once_with_status_and_error(generated):
             assert row["error"] is None
     assert "10 rows" not in generated["result"].stdout
     assert "6 images ok, 4 rows in error" in generated["result"].stdout
+    # Invalid rows are reported before generation, with their messages.
+    assert "4 invalid rows will be recorded with status=error" in generated["result"].stderr
+    assert "bad-width: width=100: must be a positive multiple of 8" in generated["result"].stderr
 
 
 def test_images_match_metadata(generated):
@@ -151,8 +154,8 @@ def test_nothing_lands_outside_the_output(generated):
 def test_shards_and_manifest(generated):
     output = generated["output"]
     shards = list((output / "metadata").glob("*.parquet"))
-    assert len(shards) >= 4  # 10 rows, at most 3 per shard
-    assert all(pq.read_metadata(s).num_rows <= 3 for s in shards)
+    # 10 rows at 3 per shard: every shard is full but the run's last one.
+    assert sorted(pq.read_metadata(s).num_rows for s in shards) == [1, 3, 3, 3]
     manifest = json.loads((output / "manifest.json").read_text())
     assert manifest["status"] == "complete"
     assert manifest["counts"] == {"rows": 10, "ok": 6, "error": 4, "generated_this_run": 6}

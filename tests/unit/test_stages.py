@@ -113,9 +113,7 @@ def test_mostly_failing_run_is_aborted(model_cache, monkeypatch):
         raise RuntimeError("NaN everywhere (simulated)")
 
     monkeypatch.setattr(stage.engine, "generate", always_fail)
-    prepared = PrepareStage(GenerationConfig())(
-        pa.table({"prompt": ["a", "b"], "steps": [1, 1]})
-    )
+    prepared = PrepareStage(GenerationConfig())(pa.table({"prompt": ["a", "b"], "steps": [1, 1]}))
     out = stage(prepared)  # 2 of 2 failed, but fewer rows than the budget's minimum
     assert out.column("status").to_pylist() == ["error", "error"]
     with pytest.raises(ErrorBudgetExceeded, match="4 of 4 rows failed"):
