@@ -32,6 +32,8 @@ RESULT_COLUMNS = ("model", "status", "error", "truncated", "image_path", "sha256
 # Hidden bookkeeping added by the reader: where a row came from (for stable derived ids).
 SOURCE_COLUMN = "__sdray_source"
 ROW_COLUMN = "__sdray_row"
+# Set by a reader for a row it could only read by altering it (text that is not valid Unicode).
+READ_ERROR_COLUMN = "__sdray_read_error"
 # Sort key that orders rows so batches stay homogeneous (same size, steps, scheduler, guidance).
 BATCH_KEY_COLUMN = "__sdray_batch_key"
 
@@ -92,6 +94,15 @@ def derive_id(source: str, row: int) -> str:
     return f"{source}:{row}"
 
 
+def is_unicode_text(text: str) -> bool:
+    """Whether a string encodes as UTF-8 (JSON can carry lone surrogates such as "\\ud800")."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _as_int(value: Any) -> int | None:
     """An integer from ints, integral floats and digit strings; None when it is not one."""
     if isinstance(value, bool):
@@ -139,16 +150,20 @@ def validate_row(row: dict[str, Any], config: GenerationConfig) -> tuple[dict[st
         bad("prompt", prompt, "must be a string" if prompt is not None else "is null")
     elif not prompt.strip():
         bad("prompt", prompt, "is empty")
+    elif not is_unicode_text(prompt):
+        bad("prompt", prompt, "is not valid Unicode text")
     else:
         out["prompt"] = prompt
 
     negative = row.get("negative_prompt")
     if negative is None:
         out["negative_prompt"] = config.negative_prompt
-    elif isinstance(negative, str):
-        out["negative_prompt"] = negative
-    else:
+    elif not isinstance(negative, str):
         bad("negative_prompt", negative, "must be a string")
+    elif not is_unicode_text(negative):
+        bad("negative_prompt", negative, "is not valid Unicode text")
+    else:
+        out["negative_prompt"] = negative
 
     for field, limit in (("steps", config.max_steps),):
         value = row.get(field)
@@ -238,10 +253,17 @@ def prepare_table(table: pa.Table, config: GenerationConfig) -> pa.Table:
         table.column(SOURCE_COLUMN).to_pylist() if SOURCE_COLUMN in table.column_names else None
     )
     positions = table.column(ROW_COLUMN).to_pylist() if ROW_COLUMN in table.column_names else None
+    read_errors = (
+        table.column(READ_ERROR_COLUMN).to_pylist()
+        if READ_ERROR_COLUMN in table.column_names
+        else None
+    )
 
     columns: dict[str, list[Any]] = {field.name: [] for field in PREPARED_SCHEMA}
     for index, row in enumerate(rows):
         fields, errors = validate_row(row, config)
+        if read_errors and read_errors[index]:
+            errors.append(read_errors[index])
         raw_id = row.get("id")
         if raw_id is None or (isinstance(raw_id, str) and not raw_id):
             if "id" in row:

@@ -9,7 +9,7 @@ from typing import Any
 import pyarrow as pa
 
 from sdray.errors import InputError
-from sdray.requests import ROW_COLUMN, SOURCE_COLUMN
+from sdray.requests import READ_ERROR_COLUMN, ROW_COLUMN, SOURCE_COLUMN, is_unicode_text
 from sdray.storage import filesystem
 
 FORMATS = {
@@ -74,7 +74,7 @@ def _jsonl_table(handle, uri: str) -> pa.Table:
             raise InputError(f"{uri}: line {number} is not valid JSON ({error})") from None
         if not isinstance(row, dict):
             raise InputError(f"{uri}: line {number} is not a JSON object")
-        rows.append(row)
+        rows.append(_unicode_row(row))
     names = list(dict.fromkeys(name for row in rows for name in row))
     columns = {}
     for name in names:
@@ -87,6 +87,31 @@ def _jsonl_table(handle, uri: str) -> pa.Table:
                 pa.string(),
             )
     return pa.table(columns) if columns else pa.table({"prompt": pa.array([], pa.string())})
+
+
+def _unicode_row(row: dict[str, Any]) -> dict[str, Any]:
+    """A JSON row whose text Arrow can store.
+
+    JSON can carry text that is not valid Unicode (lone surrogates such as "\\ud800"). Such text
+    is kept backslash-escaped and the row is marked, so it becomes an error row naming the field
+    instead of failing the whole read.
+    """
+
+    def escaped(text: str) -> str:
+        return text.encode("utf-8", "backslashreplace").decode()
+
+    bad = [
+        k
+        for k, v in row.items()
+        if not is_unicode_text(k) or (isinstance(v, str) and not is_unicode_text(v))
+    ]
+    if not bad:
+        return row
+    fixed = {escaped(k): escaped(v) if isinstance(v, str) else v for k, v in row.items()}
+    fixed[READ_ERROR_COLUMN] = "; ".join(
+        f"{escaped(k)}={row[k]!r}: is not valid Unicode text" for k in bad
+    )
+    return fixed
 
 
 def _csv_table(handle, uri: str) -> pa.Table:

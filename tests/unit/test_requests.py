@@ -131,3 +131,25 @@ def test_missing_prompt_column_is_refused():
 def test_reserved_columns_are_refused():
     with pytest.raises(InputError, match="status"):
         prepare_table(_table(prompt=["a"], status=["x"]), CONFIG)
+
+
+def test_text_that_is_not_unicode_is_a_row_error():
+    """JSON can carry lone surrogates; such a row is an error naming the field, not a failed read."""
+    import io
+
+    from sdray.batch.read import _jsonl_table
+
+    table = _jsonl_table(
+        io.StringIO(
+            '{"id": "a", "prompt": "fine"}\n'
+            '{"id": "b", "prompt": "a\\ud800b"}\n'
+            '{"id": "c", "prompt": "x", "negative_prompt": "\\udfff"}\n'
+        ),
+        "p.jsonl",
+    )
+    rows = {r["id"]: r for r in prepare_table(table, GenerationConfig()).to_pylist()}
+    assert rows["a"]["status"] == "ok"
+    assert rows["b"]["status"] == "error"
+    assert rows["b"]["error"] == "prompt='a\\ud800b': is not valid Unicode text"
+    assert rows["c"]["error"] == "negative_prompt='\\udfff': is not valid Unicode text"
+    assert errors_of({"prompt": "\ud800"}) == ["prompt='\\ud800': is not valid Unicode text"]
