@@ -4,9 +4,10 @@ request batching on and off, and Serve's overhead per request (latency minus eng
     python pipelines/bench_serve.py --set serve.max_batch_size=8 --output bench-serve.json
     python pipelines/bench_serve.py --url http://127.0.0.1:8000 --api-key $KEY   # a running server
 
-Deploys the app twice on a local Ray (or $RAY_ADDRESS) on loopback, batching on and off side by
-side, and alternates rounds between them so both see the same machine; every round is bounded by
-a request count and a time limit. Prints a table to stderr and the figures as JSON.
+Deploys the app on a local Ray (or $RAY_ADDRESS) on loopback with batching on, then off, one
+app at a time (so one GPU is enough), in ABBA order over rounds so both modes see the same
+machine; every load run is bounded by a request count and a time limit. Deletes only its own
+Serve apps. Prints a table to stderr and the figures as JSON.
 """
 
 import argparse
@@ -22,9 +23,9 @@ if __name__ == "__main__":
     parser.add_argument("--config")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
-    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per level")
-    parser.add_argument("--requests", type=int, help="per round (default max(20, 5 x clients))")
-    parser.add_argument("--time-limit", type=float, default=120.0, help="seconds per round")
+    parser.add_argument("--rounds", type=int, default=2, help="ABBA rounds of all levels")
+    parser.add_argument("--requests", type=int, help="per load run (default max(20, 5 x clients))")
+    parser.add_argument("--time-limit", type=float, default=60.0, help="seconds per load run")
     parser.add_argument("--size", default="64x64", help="WIDTHxHEIGHT of every image")
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--port", type=int, default=8000, help="loopback port to deploy on")

@@ -9,6 +9,7 @@ import asyncio
 import base64
 import logging
 import time
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -44,11 +45,19 @@ ENGINE_MS = "x-sdray-engine-ms"
 QUEUE_MS = "x-sdray-queue-ms"
 BATCH_SIZE = "x-sdray-batch-size"
 SEED = "x-sdray-seed"
+# How an image failed (ImageOutcome.error_code): the server's fault (500), or a condition that a
+# later try, perhaps on another replica, may not meet (503 with Retry-After).
+SERVER_ERROR = "server_error"
+OUT_OF_MEMORY = "out_of_memory"
+UNAVAILABLE = "replica_unavailable"
 
 
 @dataclass
 class ImageOutcome:
-    """One image's result plus how it was served: its engine call and time in the queue."""
+    """One image's result plus how it was served: its engine call and time in the queue.
+
+    `error` is for the server's log only; clients see `error_code` and `error_id`.
+    """
 
     image: np.ndarray | None
     error: str | None
@@ -57,6 +66,8 @@ class ImageOutcome:
     batch_size: int
     engine_seconds: float
     queue_seconds: float
+    error_id: str | None = None
+    error_code: str = SERVER_ERROR
 
 
 class ImageBackend(Protocol):
@@ -69,7 +80,7 @@ class ImageBackend(Protocol):
     loaded_at: float
 
     def ready(self) -> bool:
-        """Whether the model is loaded and requests can be served."""
+        """Whether the model is loaded and the engine can serve requests."""
         ...
 
     async def generate(self, requests: Sequence[GenerationRequest]) -> list[ImageOutcome]:
@@ -108,6 +119,37 @@ def _serving_headers(outcomes: list[ImageOutcome]) -> dict[str, str]:
     }
 
 
+def _internal_error(error_id: str) -> ApiError:
+    return ApiError(
+        500,
+        f"The server failed to handle the request (error id {error_id}).",
+        type="server_error",
+        code="server_error",
+    )
+
+
+def _generation_error(failed: list[ImageOutcome], retry_after: dict[str, str]) -> ApiError:
+    """The client's view of failed images: a generic message with an id to find the server's
+    log lines by; 503 with Retry-After where a later try may succeed."""
+    for outcome in failed:
+        log.error("image failed (error id %s): %s", outcome.error_id, outcome.error)
+    retryable = [o for o in failed if o.error_code in (OUT_OF_MEMORY, UNAVAILABLE)]
+    if not retryable:
+        return _internal_error(failed[0].error_id or uuid.uuid4().hex[:12])
+    first = retryable[0]
+    reason = {
+        OUT_OF_MEMORY: "The server ran out of accelerator memory for this request",
+        UNAVAILABLE: "This replica's engine failed and it is being replaced",
+    }[first.error_code]
+    return ApiError(
+        503,
+        f"{reason}; retry shortly (error id {first.error_id or '-'}).",
+        type="server_error",
+        code=first.error_code,
+        headers=retry_after,
+    )
+
+
 def create_api(backend: ImageBackend, key_digests: tuple[str, ...] = ()) -> FastAPI:
     """The HTTP app over `backend`; with key digests, every route but /healthz needs a key."""
     config = backend.config
@@ -137,28 +179,44 @@ def create_api(backend: ImageBackend, key_digests: tuple[str, ...] = ()) -> Fast
 
     @api.exception_handler(Exception)
     async def server_error(request: Request, error: Exception) -> JSONResponse:
-        log.exception("request to %s failed", request.url.path)
-        message = f"The server failed to handle the request: {type(error).__name__}."
-        return _error_response(ApiError(500, message, type="server_error", code="server_error"))
+        error_id = uuid.uuid4().hex[:12]
+        log.exception("request to %s failed (error id %s)", request.url.path, error_id)
+        return _error_response(_internal_error(error_id))
+
+    def too_large(size: int | None) -> ApiError:
+        shown = "larger than" if size is None else f"{size} bytes, above"
+        return ApiError(
+            413,
+            f"The request body is {shown} the limit of {max_body_bytes} bytes.",
+            code="body_too_large",
+        )
 
     async def read(request: Request, model: type) -> Any:
-        raw = await request.body()
-        if len(raw) > max_body_bytes:
-            raise ApiError(
-                413,
-                f"The request body is {len(raw)} bytes, above the limit of {max_body_bytes}.",
-                code="body_too_large",
-            )
-        return parse_body(raw, model)
+        """The JSON body, refused as soon as it is known to be too large: by its declared
+        Content-Length before reading anything, else while streaming it in."""
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.strip().isdigit():
+            if int(declared) > max_body_bytes:
+                raise too_large(int(declared))
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > max_body_bytes:
+                raise too_large(None)
+            chunks.append(chunk)
+        return parse_body(b"".join(chunks), model)
+
+    retry_after = {"Retry-After": str(max(1, round(limits.retry_after_s)))}
 
     async def run(requests: list[GenerationRequest]) -> list[ImageOutcome]:
         if not backend.ready():
             raise ApiError(
                 503,
-                "The model is still loading; retry shortly.",
+                "The model is not ready on this replica (still loading, or its engine failed); "
+                "retry shortly.",
                 type="server_error",
-                code="model_loading",
-                headers={"Retry-After": str(max(1, round(limits.retry_after_s)))},
+                code="model_unavailable",
+                headers=retry_after,
             )
         try:
             outcomes = await asyncio.wait_for(
@@ -171,16 +229,18 @@ def create_api(backend: ImageBackend, key_digests: tuple[str, ...] = ()) -> Fast
                 type="server_error",
                 code="timeout",
             ) from None
-        failed = [o.error for o in outcomes if o.error is not None]
+        failed = [o for o in outcomes if o.error is not None]
         if failed:
-            raise ApiError(500, f"Generation failed: {failed[0]}", type="server_error")
+            raise _generation_error(failed, retry_after)
         return outcomes
 
     @api.get("/healthz")
     async def healthz() -> JSONResponse:
-        """200 once the model is loaded (no auth)."""
+        """Readiness (no auth): 200 from a replica whose model is loaded and whose engine works,
+        503 otherwise. It rides the same queue as generation and needs a replica, so liveness
+        probes belong on Serve's own /-/healthz."""
         if not backend.ready():
-            return JSONResponse({"status": "loading"}, status_code=503)
+            return JSONResponse({"status": "unavailable"}, status_code=503, headers=retry_after)
         return JSONResponse(
             {
                 "status": "ok",

@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import sys
 import time
+import uuid
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -15,11 +17,25 @@ from ray import serve
 
 from sdray.config import SdrayConfig
 from sdray.requests import GenerationRequest
-from sdray.serve.api import ImageOutcome, create_api
+from sdray.serve.api import OUT_OF_MEMORY, SERVER_ERROR, UNAVAILABLE, ImageOutcome, create_api
 
 log = logging.getLogger(__name__)
 
 DEPLOYMENT_NAME = "ImageService"
+# Engine calls in a row that raise (not counting out-of-memory) before the replica checks its
+# engine with the warm-up request; if that fails too, the replica reports itself unhealthy.
+# Failures of one request are usually the request's; several in a row, and a failed probe, are
+# the engine's.
+FAILURES_BEFORE_PROBE = 3
+# Messages of errors after which the device cannot be trusted (a CUDA context does not recover
+# from an illegal memory access or a device-side assert): the replica must be replaced.
+_FATAL_MARKERS = (
+    "CUDA error",
+    "CUBLAS_STATUS",
+    "CUDNN_STATUS",
+    "cuDNN error",
+    "device-side assert",
+)
 
 
 @dataclass
@@ -30,15 +46,44 @@ class ImageJob:
     enqueued: float
 
 
-@serve.deployment(name=DEPLOYMENT_NAME)
-@serve.ingress()
-class ImageService:
+class EngineOutOfMemory(RuntimeError):
+    """The device ran out of memory during an engine call (the call's memory is released)."""
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether `error` is torch's out-of-memory error (CUDA OOM), without importing torch."""
+    torch = sys.modules.get("torch")
+    oom = getattr(torch, "OutOfMemoryError", None)
+    return isinstance(error, EngineOutOfMemory) or (oom is not None and isinstance(error, oom))
+
+
+def is_fatal(error: BaseException) -> bool:
+    """Whether `error` leaves the device unusable (an accelerator fault, not a bad request)."""
+    if is_out_of_memory(error):
+        return False
+    accelerator_error = getattr(sys.modules.get("torch"), "AcceleratorError", None)
+    if accelerator_error is not None and isinstance(error, accelerator_error):
+        return True
+    message = str(error)
+    return any(marker in message for marker in _FATAL_MARKERS)
+
+
+def _free_device_memory() -> None:
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+class ImageReplica:
     """A replica: loads the engine once, batches concurrent images, serves the HTTP API.
 
     The batching unit is one image, so the `n` images of a request count toward
     `serve.max_batch_size` and a large `n` spreads over several engine calls. Each Serve batch
     is split into compatible groups (size, steps, scheduler, guidance) before it reaches the
-    engine, so incompatible requests never share a denoising batch.
+    engine, so incompatible requests never share a denoising batch. When a batched engine call
+    raises, its images are tried again one by one, so one bad request fails alone.
+
+    A plain class, so tests can drive it without Serve; `ImageService` is its deployment.
     """
 
     def __init__(self, config: dict[str, Any], key_digests: Sequence[str] = ()) -> None:
@@ -62,6 +107,8 @@ class ImageService:
         # answering (health checks, /healthz, queueing, PNG encoding) while the model works.
         self._engine_thread = ThreadPoolExecutor(1, thread_name_prefix="sdray-engine")
         self._call_ids = itertools.count()
+        self._failed_calls = 0  # engine calls in a row that raised
+        self._fatal: str | None = None  # why the engine cannot serve any more
         self._run_batch.set_max_batch_size(settings.max_batch_size)
         self._run_batch.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
         self._warm_up()
@@ -71,11 +118,10 @@ class ImageService:
         """Serve calls this after __init__: the FastAPI app bound to this replica."""
         return create_api(self, self._key_digests)
 
-    def _warm_up(self) -> None:
-        """One small generation, so lazy initialization does not land on the first request."""
+    def _probe_request(self) -> GenerationRequest:
         generation = self.config.generation
-        request = GenerationRequest(
-            id="warm-up",
+        return GenerationRequest(
+            id="probe",
             prompt="warm up",
             negative_prompt="",
             seed=0,
@@ -85,14 +131,29 @@ class ImageService:
             height=64,
             scheduler=generation.scheduler,
         )
+
+    def _warm_up(self) -> None:
+        """One small generation, so lazy initialization does not land on the first request, and
+        a replica whose engine cannot generate fails to start (Serve retries or reports it)."""
         try:
-            self.engine.generate([request])
-        except Exception as error:  # noqa: BLE001 - a failed warm-up only costs latency
-            log.warning("warm-up generation failed: %s: %s", type(error).__name__, error)
+            (result,) = self.engine.generate([self._probe_request()])
+        except Exception as error:
+            raise RuntimeError(
+                f"warm-up generation failed, so this replica cannot serve: "
+                f"{type(error).__name__}: {error}"
+            ) from error
+        if result.error:
+            log.warning("warm-up image is unusable: %s", result.error)
 
     def ready(self) -> bool:
-        """True once the engine is loaded (always, after __init__)."""
-        return self.engine is not None
+        """True while the engine can serve (it is loaded once __init__ returns)."""
+        return self._fatal is None
+
+    def check_health(self) -> None:
+        """Serve's periodic health check: raise after a fatal engine error, so Serve replaces
+        this replica."""
+        if self._fatal is not None:
+            raise RuntimeError(f"the engine failed and cannot serve: {self._fatal}")
 
     async def generate(self, requests: Sequence[GenerationRequest]) -> list[ImageOutcome]:
         """Queue each image for batching; one outcome per request, in order."""
@@ -102,30 +163,120 @@ class ImageService:
 
     @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.05)  # set from the config in __init__
     async def _run_batch(self, jobs: list[ImageJob]) -> list[ImageOutcome]:
-        loop = asyncio.get_running_loop()
+        return await self.generate_batch(jobs)
+
+    async def generate_batch(self, jobs: list[ImageJob]) -> list[ImageOutcome]:
+        """One Serve batch: compatible groups, one engine call each; outcomes in job order."""
         outcomes: list[ImageOutcome | None] = [None] * len(jobs)
         requests = [job.request for job in jobs]
         for indices in self._group_compatible(requests, self.engine.max_batch_size):
-            group = [requests[i] for i in indices]
-            call_id = next(self._call_ids)
-            started = time.perf_counter()
-            try:
-                results = await loop.run_in_executor(
-                    self._engine_thread, self.engine.generate, group
-                )
-                found = [(r.image, r.error, r.truncated) for r in results]
-            except Exception as error:  # noqa: BLE001 - becomes these requests' 500s
-                log.exception("engine call failed for %d images", len(group))
-                found = [(None, f"{type(error).__name__}: {error}", False)] * len(group)
-            seconds = time.perf_counter() - started
-            for index, (image, error, truncated) in zip(indices, found, strict=True):
-                outcomes[index] = ImageOutcome(
-                    image=image,
-                    error=error,
-                    truncated=truncated,
-                    call_id=call_id,
-                    batch_size=len(group),
-                    engine_seconds=seconds,
-                    queue_seconds=started - jobs[index].enqueued,
-                )
+            group = await self._generate_group([jobs[i] for i in indices])
+            for index, outcome in zip(indices, group, strict=True):
+                outcomes[index] = outcome
         return outcomes  # type: ignore[return-value]
+
+    async def _generate_group(self, jobs: list[ImageJob]) -> list[ImageOutcome]:
+        """One engine call for compatible jobs; if it raises, each job again on its own."""
+        if self._fatal is not None:
+            now = time.perf_counter()
+            return [self._failure(job, UNAVAILABLE, self._fatal, None, now) for job in jobs]
+        call_id = next(self._call_ids)
+        started = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        group = [job.request for job in jobs]
+        try:
+            results = await loop.run_in_executor(self._engine_thread, self._call_engine, group)
+        except Exception as error:  # noqa: BLE001 - isolated below, then these requests' 5xx
+            error_id = uuid.uuid4().hex[:12]
+            log.error(
+                "engine call %d failed for %d images (error id %s)",
+                call_id,
+                len(group),
+                error_id,
+                exc_info=error,
+            )
+            await self._count_failure(error)
+            if len(jobs) > 1 and self._fatal is None:
+                isolated = []
+                for job in jobs:
+                    isolated.extend(await self._generate_group([job]))
+                return isolated
+            code = OUT_OF_MEMORY if is_out_of_memory(error) else SERVER_ERROR
+            if self._fatal is not None:
+                code = UNAVAILABLE
+            detail = f"{type(error).__name__}: {error}"
+            return [self._failure(job, code, detail, error_id, started) for job in jobs]
+        self._failed_calls = 0
+        seconds = time.perf_counter() - started
+        return [
+            ImageOutcome(
+                image=result.image,
+                error=result.error,
+                truncated=result.truncated,
+                call_id=call_id,
+                batch_size=len(group),
+                engine_seconds=seconds,
+                queue_seconds=started - job.enqueued,
+                error_id=uuid.uuid4().hex[:12] if result.error else None,
+            )
+            for job, result in zip(jobs, results, strict=True)
+        ]
+
+    def _call_engine(self, requests: list[GenerationRequest]):
+        """Run in the engine thread. After an out-of-memory error, release the failed call's
+        memory (its frames are gone once the except block ends) before reporting it."""
+        message = None
+        try:
+            return self.engine.generate(requests)
+        except Exception as error:
+            if not is_out_of_memory(error):
+                raise
+            message = f"{type(error).__name__}: {error}"
+        _free_device_memory()
+        raise EngineOutOfMemory(message)
+
+    async def _count_failure(self, error: Exception) -> None:
+        if is_out_of_memory(error):
+            return  # the device is fine; the batch was too big for it
+        if is_fatal(error):
+            self._fatal = f"{type(error).__name__}: {error}"
+        else:
+            self._failed_calls += 1
+            if self._failed_calls >= FAILURES_BEFORE_PROBE:
+                await self._probe()
+        if self._fatal is not None:
+            log.error("replica marked unhealthy: %s", self._fatal)
+
+    async def _probe(self) -> None:
+        """After repeated failures, tell a broken engine from a run of bad requests."""
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(
+                self._engine_thread, self.engine.generate, [self._probe_request()]
+            )
+        except Exception as error:  # noqa: BLE001 - the engine itself is broken
+            self._fatal = (
+                f"{self._failed_calls} engine calls in a row and the probe failed; last: "
+                f"{type(error).__name__}: {error}"
+            )
+        else:
+            self._failed_calls = 0
+
+    @staticmethod
+    def _failure(
+        job: ImageJob, code: str, detail: str, error_id: str | None, started: float
+    ) -> ImageOutcome:
+        return ImageOutcome(
+            image=None,
+            error=detail,
+            truncated=False,
+            call_id=-1,
+            batch_size=1,
+            engine_seconds=0.0,
+            queue_seconds=started - job.enqueued,
+            error_id=error_id,
+            error_code=code,
+        )
+
+
+ImageService = serve.deployment(name=DEPLOYMENT_NAME)(serve.ingress()(ImageReplica))

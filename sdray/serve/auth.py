@@ -6,6 +6,7 @@ import hashlib
 import hmac
 import os
 
+from sdray.errors import ConfigError
 from sdray.serve.protocol import ApiError
 
 API_KEYS_ENV = "SDRAY_API_KEYS"
@@ -17,11 +18,22 @@ def key_digest(key: str) -> str:
 
 
 def api_key_digests(value: str | None = None) -> tuple[str, ...]:
-    """Digests of the comma-separated keys in `value` (default: $SDRAY_API_KEYS); () = open."""
+    """Digests of the comma-separated keys in `value` (default: $SDRAY_API_KEYS).
+
+    () means open access, and only an unset variable gives it: a value that is set but holds no
+    key (empty, commas, whitespace) is refused, since it most likely comes from a broken secret.
+    """
     if value is None:
-        value = os.environ.get(API_KEYS_ENV, "")
-    keys = [key.strip() for key in value.split(",")]
-    return tuple(sorted({key_digest(key) for key in keys if key}))
+        value = os.environ.get(API_KEYS_ENV)
+        if value is None:
+            return ()
+    keys = {key.strip() for key in value.split(",")} - {""}
+    if not keys:
+        raise ConfigError(
+            f"${API_KEYS_ENV} is set but holds no API key (only commas or whitespace); "
+            f"set it to key1,key2,... to require keys, or unset it to serve without auth"
+        )
+    return tuple(sorted(key_digest(key) for key in keys))
 
 
 def check_authorization(header: str | None, digests: tuple[str, ...]) -> None:

@@ -2,11 +2,13 @@
 
 Each load run has `concurrency` clients sending requests back to back until a fixed request
 count or a time limit is reached. Latency is measured at the client; engine time, queue time and
-batch size come from the replica's x-sdray-* response headers, so Serve's own overhead per
-request is latency minus engine time.
+batch size come from the replica's x-sdray-* response headers, so the overhead per request is
+latency minus engine time, and Serve's own path (HTTP, proxy, routing, PNG encoding) is that
+minus the time spent waiting in the replica's batch queue.
 
-The benchmark deploys batching on and off side by side and alternates short rounds between them,
-so both modes see the same (shared, noisy) machine; it reports medians over rounds.
+The benchmark deploys batching on, then off, one app at a time (a one-GPU machine holds one
+replica), in ABBA order over rounds so drift on a shared machine hits both alike; it reports
+median throughput over rounds. It deletes only its own apps.
 """
 
 from __future__ import annotations
@@ -68,6 +70,9 @@ def summarize(runs: list[LoadRun]) -> dict[str, Any]:
         "latency_ms": _percentiles([s.latency_s * 1000 for s in ok]),
         "engine_ms_p50": _median([s.engine_s * 1000 for s in timed]),
         "overhead_ms": _percentiles([(s.latency_s - s.engine_s) * 1000 for s in timed]),
+        "serve_path_ms": _percentiles(
+            [(s.latency_s - s.engine_s - (s.queue_s or 0.0)) * 1000 for s in timed]
+        ),
         "queue_ms_p50": _median([s.queue_s * 1000 for s in timed if s.queue_s is not None]),
         "mean_batch_size": (
             round(statistics.fmean(s.batch_size for s in timed), 2) if timed else None
@@ -155,56 +160,56 @@ def request_bodies(
     ]
 
 
-def compare(
-    urls: dict[str, str],
+def warm_up(url: str, bodies: list[dict[str, Any]], headers: dict[str, str] | None = None) -> None:
+    """A few requests first, so connection setup and first-call costs stay out of the figures."""
+    asyncio.run(run_load(url, bodies, concurrency=2, requests=6, time_limit_s=60, headers=headers))
+
+
+def measure(
+    url: str,
     *,
     concurrencies: tuple[int, ...],
-    rounds: int,
     requests: int | None,
     time_limit_s: float,
     bodies: list[dict[str, Any]],
     headers: dict[str, str] | None = None,
-) -> list[dict[str, Any]]:
-    """Warm every server up, then per concurrency alternate rounds between them (ABBA order)."""
-    endpoints = {label: f"{url.rstrip('/')}/v1/images/generations" for label, url in urls.items()}
-    for url in endpoints.values():
-        asyncio.run(
-            run_load(url, bodies, concurrency=2, requests=6, time_limit_s=60, headers=headers)
-        )
-    print(HEADER, file=sys.stderr, flush=True)
-    results = []
+) -> dict[int, LoadRun]:
+    """One bounded load run per concurrency against one server."""
+    runs = {}
     for concurrency in concurrencies:
         count = requests or max(20, 5 * concurrency)
-        runs: dict[str, list[LoadRun]] = {label: [] for label in endpoints}
-        for round_index in range(rounds):
-            order = list(endpoints) if round_index % 2 == 0 else list(endpoints)[::-1]
-            for label in order:
-                run = asyncio.run(
-                    run_load(
-                        endpoints[label],
-                        bodies,
-                        concurrency=concurrency,
-                        requests=count,
-                        time_limit_s=time_limit_s,
-                        headers=headers,
-                    )
-                )
-                runs[label].append(run)
-        for label, label_runs in runs.items():
-            summary = {"mode": label, **summarize(label_runs)}
-            print(format_row(summary), file=sys.stderr, flush=True)
-            results.append(summary)
-    return results
+        runs[concurrency] = asyncio.run(
+            run_load(
+                url,
+                bodies,
+                concurrency=concurrency,
+                requests=count,
+                time_limit_s=time_limit_s,
+                headers=headers,
+            )
+        )
+    return runs
+
+
+def report(label: str, runs: list[dict[int, LoadRun]]) -> list[dict[str, Any]]:
+    """Summaries of one mode's rounds, one row per concurrency (printed to stderr)."""
+    rows = []
+    for concurrency in runs[0]:
+        summary = {"mode": label, **summarize([r[concurrency] for r in runs])}
+        print(format_row(summary), file=sys.stderr, flush=True)
+        rows.append(summary)
+    return rows
 
 
 HEADER = (
     f"{'mode':<10} {'clients':>7} {'ok':>5} {'req/s':>7} {'p50':>7} {'p95':>7} {'p99':>7} "
-    f"{'engine':>7} {'ovh p50':>7} {'ovh p95':>7} {'queue':>7} {'batch':>6}"
+    f"{'engine':>7} {'ovh p50':>7} {'ovh p95':>7} {'queue':>7} {'path':>7} {'batch':>6}"
 )
 
 
 def format_row(s: dict[str, Any]) -> str:
-    """One table row: median req/s; latencies, engine time, overhead and queue time in ms."""
+    """One table row: median req/s; latency, engine time, overhead (latency - engine), batch
+    queue wait and Serve's path (overhead - queue wait), all p50 unless marked, in ms."""
 
     def ms(value: float | None) -> str:
         return "-" if value is None else f"{value:.0f}"
@@ -216,7 +221,7 @@ def format_row(s: dict[str, Any]) -> str:
         f"{ms(s['latency_ms']['p50']):>7} {ms(s['latency_ms']['p95']):>7} "
         f"{ms(s['latency_ms']['p99']):>7} {ms(s['engine_ms_p50']):>7} "
         f"{ms(s['overhead_ms']['p50']):>7} {ms(s['overhead_ms']['p95']):>7} "
-        f"{ms(s['queue_ms_p50']):>7} {batch:>6}{failed}"
+        f"{ms(s['queue_ms_p50']):>7} {ms(s['serve_path_ms']['p50']):>7} {batch:>6}{failed}"
     )
 
 
@@ -231,11 +236,20 @@ def batching_gain(results: list[dict[str, Any]], on: str, off: str) -> dict[str,
     }
 
 
+def round_order(labels: list[str], rounds: int) -> list[str]:
+    """Modes in ABBA order over `rounds` (A B, B A, A B, ...), so that drift on a shared machine
+    hits both alike; consecutive runs of one mode share a deployment."""
+    order: list[str] = []
+    for index in range(rounds):
+        order.extend(labels if index % 2 == 0 else labels[::-1])
+    return order
+
+
 def bench_serve(
     config: SdrayConfig,
     *,
     concurrencies: tuple[int, ...] = (1, 4, 16),
-    rounds: int = 3,
+    rounds: int = 1,
     requests: int | None = None,
     time_limit_s: float = 120.0,
     width: int = 64,
@@ -243,8 +257,12 @@ def bench_serve(
     steps: int = 4,
     port: int = 8000,
 ) -> dict[str, Any]:
-    """Deploy the app twice on loopback, batching on (serve.max_batch_size) and off (1), and load
-    both alike; returns every figure. Auth is off for the benchmark's own deployments."""
+    """Deploy the app on loopback with batching on (serve.max_batch_size) and off (1), one at a
+    time, so a one-GPU machine can run it; load each alike and return every figure.
+
+    Only the benchmark's own apps are deleted afterwards: other Serve apps on a shared cluster
+    are left running. Auth is off for the benchmark's own deployments.
+    """
     import ray
     from ray import serve
 
@@ -255,29 +273,50 @@ def bench_serve(
         update={"serve": config.serve.model_copy(update={"max_batch_size": 1})}
     )
     apps = {on: ("bench-batched", config), off: ("bench-unbatched", unbatched)}
+    bodies = request_bodies(256, width=width, height=height, steps=steps)
     started_ray = not ray.is_initialized()
     if started_ray:
         ray.init(include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+    deployed: str | None = None
+    runs: dict[str, list[dict[int, LoadRun]]] = {label: [] for label in apps}
     try:
+        clash = {name for name, _ in apps.values()} & set(serve.status().applications)
+        if clash:
+            raise RuntimeError(f"Serve apps {sorted(clash)} already run here; delete them first")
         serve.start(http_options=http_options(config, "127.0.0.1", port))
-        for name, app_config in apps.values():
-            serve.run(build_application(app_config), name=name, route_prefix=f"/{name}")
-        results = compare(
-            {label: f"http://127.0.0.1:{port}/{name}" for label, (name, _) in apps.items()},
-            concurrencies=concurrencies,
-            rounds=rounds,
-            requests=requests,
-            time_limit_s=time_limit_s,
-            bodies=request_bodies(256, width=width, height=height, steps=steps),
-        )
+        url = ""
+        for label in round_order(list(apps), rounds):
+            name, app_config = apps[label]
+            if deployed != name:
+                if deployed is not None:
+                    serve.delete(deployed)
+                deployed = name  # deleted in `finally` even if it never comes up
+                print(f"deploying {name} ({label})", file=sys.stderr, flush=True)
+                serve.run(build_application(app_config), name=name, route_prefix=f"/{name}")
+                url = f"http://127.0.0.1:{port}/{name}/v1/images/generations"
+                warm_up(url, bodies)
+            runs[label].append(
+                measure(
+                    url,
+                    concurrencies=concurrencies,
+                    requests=requests,
+                    time_limit_s=time_limit_s,
+                    bodies=bodies,
+                )
+            )
     finally:
-        serve.shutdown()
+        if deployed is not None:
+            serve.delete(deployed)
         if started_ray:
+            serve.shutdown()
             ray.shutdown()
+    print(HEADER, file=sys.stderr, flush=True)
+    results = [row for label, label_runs in runs.items() for row in report(label, label_runs)]
     return {
         "workload": {"width": width, "height": height, "steps": steps, "n": 1},
         "model": config.model.source,
         "serve": config.serve.model_dump(),
+        "rounds": rounds,
         "levels": results,
         "batching_gain": batching_gain(results, on, off),
     }
@@ -288,7 +327,7 @@ def bench_url(
     *,
     api_key: str | None = None,
     concurrencies: tuple[int, ...] = (1, 4, 16),
-    rounds: int = 3,
+    rounds: int = 1,
     requests: int | None = None,
     time_limit_s: float = 120.0,
     width: int = 64,
@@ -297,16 +336,25 @@ def bench_url(
 ) -> dict[str, Any]:
     """Load a server that is already running, however it is configured."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
-    results = compare(
-        {"remote": url},
-        concurrencies=concurrencies,
-        rounds=rounds,
-        requests=requests,
-        time_limit_s=time_limit_s,
-        bodies=request_bodies(256, width=width, height=height, steps=steps),
-        headers=headers,
-    )
-    return {"workload": {"width": width, "height": height, "steps": steps}, "levels": results}
+    bodies = request_bodies(256, width=width, height=height, steps=steps)
+    endpoint = f"{url.rstrip('/')}/v1/images/generations"
+    warm_up(endpoint, bodies, headers)
+    runs = [
+        measure(
+            endpoint,
+            concurrencies=concurrencies,
+            requests=requests,
+            time_limit_s=time_limit_s,
+            bodies=bodies,
+            headers=headers,
+        )
+        for _ in range(rounds)
+    ]
+    print(HEADER, file=sys.stderr, flush=True)
+    return {
+        "workload": {"width": width, "height": height, "steps": steps},
+        "levels": report("remote", runs),
+    }
 
 
 def dump(results: dict[str, Any], path: str | None) -> None:

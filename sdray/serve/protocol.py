@@ -145,7 +145,7 @@ def parse_body(raw: bytes, model: type[_Body]) -> Any:
     """Decode a JSON object body into `model`, or raise a 400 ApiError naming the parameter."""
     try:
         data = json.loads(raw or b"")
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
         raise ApiError(
             400,
             f"We could not parse the JSON body of your request ({error}). "
@@ -158,10 +158,51 @@ def parse_body(raw: bytes, model: type[_Body]) -> Any:
             f"The request body must be a JSON object, got {type(data).__name__}.",
             code="invalid_json",
         )
+    for key, value in data.items():
+        check_text(key, value)
     try:
         return model.model_validate(data)
     except ValidationError as error:
         raise _from_validation_error(error) from None
+
+
+def _unencodable(value: Any) -> str | None:
+    """The first string in `value`, nested lists and objects included, that UTF-8 cannot encode."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return value
+        return None
+    if isinstance(value, dict):
+        parts: list[Any] = [part for item in value.items() for part in item]
+    elif isinstance(value, list):
+        parts = value
+    else:
+        return None
+    for part in parts:
+        found = _unencodable(part)
+        if found is not None:
+            return found
+    return None
+
+
+def check_text(param: str, value: Any) -> None:
+    """Refuse text that is not valid Unicode: JSON escapes can carry lone surrogates (\\ud800),
+    which neither the tokenizer nor the PNG text chunk can take, so they are the sender's 400."""
+    bad = _unencodable(value)
+    if bad is None:
+        bad = _unencodable(param)
+    if bad is None:
+        return
+    name = param.encode("utf-8", "backslashreplace").decode()
+    raise ApiError(
+        400,
+        f"Invalid value for '{name}': the text is not valid Unicode; it cannot be encoded as "
+        f"UTF-8 (got {ascii(bad)[:80]}).",
+        param=name,
+        code="invalid_value",
+    )
 
 
 def _from_validation_error(error: ValidationError) -> ApiError:
@@ -220,6 +261,7 @@ def check_model(model: str | None, served: str) -> None:
 
 
 def _check_prompt(name: str, text: str | None, limits: ServeConfig) -> None:
+    check_text(name, text)
     if text is not None and len(text) > limits.max_prompt_chars:
         raise ApiError(
             400,

@@ -3,7 +3,7 @@
 import logging
 import signal
 import sys
-import time
+import threading
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -13,6 +13,9 @@ from sdray.errors import SdrayError
 from sdray.serve.auth import API_KEYS_ENV, api_key_digests
 
 APP_NAME = "sdray"
+# Replicas get this long past serve.request_timeout_s to finish their requests when stopped.
+GRACEFUL_SHUTDOWN_MARGIN_S = 10.0
+POLL_S = 0.5
 
 
 class ServeAppArgs(BaseModel):
@@ -56,6 +59,9 @@ def deployment_options(config: SdrayConfig, device: str) -> dict[str, Any]:
         },
         "max_ongoing_requests": settings.max_ongoing_requests,
         "max_queued_requests": settings.max_queued_requests,
+        # A replica being stopped (downscale, redeploy, shutdown) finishes the requests it has;
+        # they may legitimately run up to request_timeout_s (Serve's default allows 20s).
+        "graceful_shutdown_timeout_s": settings.request_timeout_s + GRACEFUL_SHUTDOWN_MARGIN_S,
         "backpressure_config": {
             "status_code": settings.overload_status_code,
             "retry_after_s": settings.retry_after_s,
@@ -91,26 +97,63 @@ def build_app(args: dict[str, Any]):
     return build_application(config, api_key_digests())
 
 
-class ServerStopped(BaseException):
-    """Raised in the main thread by SIGINT/SIGTERM to leave the serving loop."""
-
-
-def _stop(signum, frame) -> None:
-    # Later signals get the default behaviour, so a second Ctrl-C still interrupts a stuck exit.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    raise ServerStopped(signal.Signals(signum).name)
-
-
 def _say(message: str) -> None:
     print(f"sdray: {message}", file=sys.stderr, flush=True)
+
+
+class StopSignal:
+    """SIGINT/SIGTERM handlers that only record the signal and set an Event the main thread
+    waits on; nothing is raised from inside a handler, so no Ray call is cut in half."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.name: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> None:
+        """Handle SIGINT/SIGTERM (call after ray.init, which installs its own SIGTERM handler)."""
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+
+    def restore(self) -> None:
+        """Put back the handlers that were there before install()."""
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.name = self.name or signal.Signals(signum).name
+        # A second signal gets the default behaviour, so a second Ctrl-C interrupts a stuck exit.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        # Set from another thread: Event.set takes the Event's lock, which the interrupted main
+        # thread may be holding inside Event.wait, so setting it here could deadlock.
+        threading.Thread(target=self.event.set, name="sdray-stop", daemon=True).start()
+
+
+def _wait_until_running(serve: Any, stop: threading.Event) -> bool:
+    """Wait for the app to be RUNNING (True) or for a stop signal (False); raise if it fails."""
+    while not stop.wait(POLL_S):
+        app = serve.status().applications.get(APP_NAME)
+        status = getattr(app, "status", None)
+        if status == "RUNNING":
+            return True
+        if status == "DEPLOY_FAILED" or app is None:
+            message = app.message if app is not None else "the application disappeared"
+            raise SdrayError(
+                f"deploying the {APP_NAME!r} application failed: {message} "
+                "The replicas' errors are in the log above."
+            )
+    return False
 
 
 def run_server(config: SdrayConfig, *, host: str = "127.0.0.1", port: int = 8000) -> None:
     """Serve the API on host:port until SIGINT/SIGTERM, then shut down Serve and Ray cleanly.
 
     Connects to the cluster in $RAY_ADDRESS, or starts a local one. If Serve already runs other
-    applications there, they are left alone: only this one is deleted on the way out.
+    applications there, they are left alone: only this one is deleted on the way out. A signal
+    while the replicas are still loading stops the deployment too.
     """
     import ray
     from ray import serve
@@ -127,21 +170,18 @@ def run_server(config: SdrayConfig, *, host: str = "127.0.0.1", port: int = 8000
         )
     if others:
         _say(f"Serve already runs {', '.join(sorted(others))} here; its HTTP options stay in force")
-    # After ray.init, which installs its own SIGTERM handler.
-    previous = {sig: signal.signal(sig, _stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    stop = StopSignal()
+    stop.install()
     try:
         serve.start(http_options=http_options(config, host, port))
         _say(f"deploying model {config.model.source!r}; waiting for replicas to load it")
-        try:
-            serve.run(build_application(config, digests), name=APP_NAME, route_prefix="/")
-        except RuntimeError as error:  # Serve's "Deploying application ... failed"
-            raise SdrayError(f"{error} The replicas' errors are in the log above.") from None
-        auth = f"on ({len(digests)} keys from ${API_KEYS_ENV})" if digests else "off"
-        _say(f"serving on http://{host}:{port} (auth {auth}); Ctrl-C or SIGTERM stops")
-        while True:
-            time.sleep(3600)
-    except ServerStopped as stop:
-        _say(f"{stop}: shutting down")
+        target = serve.RunTarget(build_application(config, digests), name=APP_NAME)
+        serve.run_many([target], wait_for_applications_running=False)
+        if _wait_until_running(serve, stop.event):
+            auth = f"on ({len(digests)} keys from ${API_KEYS_ENV})" if digests else "off"
+            _say(f"serving on http://{host}:{port} (auth {auth}); Ctrl-C or SIGTERM stops")
+            stop.event.wait()
+        _say(f"{stop.name}: shutting down")
     finally:
         try:
             if others:
@@ -150,6 +190,5 @@ def run_server(config: SdrayConfig, *, host: str = "127.0.0.1", port: int = 8000
                 serve.shutdown()
         finally:
             ray.shutdown()
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
+            stop.restore()
     _say("stopped")

@@ -66,10 +66,10 @@ class ServeProcess:
             serve.shutdown()
 
 
-def start_server(
+def launch_server(
     directory: Path, env: dict[str, str], config: dict[str, Any], api_keys: str | None
 ) -> ServeProcess:
-    """Run `sdray serve --config ...` and return once /healthz answers 200."""
+    """Run `sdray serve --config ...` in the background; return at once."""
     config_path = directory / "sdray.yaml"
     config_path.write_text(yaml.safe_dump(config))
     log_path = directory / "serve.log"
@@ -83,11 +83,20 @@ def start_server(
         proc = subprocess.Popen(
             [*command, "--port", str(port)], stdout=log, stderr=subprocess.STDOUT, env=env
         )
-    server = ServeProcess(proc, f"http://127.0.0.1:{port}", port, config_path, log_path)
+    return ServeProcess(proc, f"http://127.0.0.1:{port}", port, config_path, log_path)
+
+
+def start_server(
+    directory: Path, env: dict[str, str], config: dict[str, Any], api_keys: str | None
+) -> ServeProcess:
+    """Run `sdray serve --config ...` and return once /healthz answers 200."""
+    server = launch_server(directory, env, config, api_keys)
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"sdray serve exited with {proc.returncode}:\n{server.log()}")
+        if server.proc.poll() is not None:
+            raise AssertionError(
+                f"sdray serve exited with {server.proc.returncode}:\n{server.log()}"
+            )
         try:
             if httpx.get(f"{server.url}/healthz", timeout=5).status_code == 200:
                 return server
@@ -96,6 +105,15 @@ def start_server(
         time.sleep(0.5)
     server.cleanup()
     raise AssertionError(f"sdray serve not healthy within {START_TIMEOUT_S}s:\n{server.log()}")
+
+
+def wait_for_log(server: ServeProcess, text: str, timeout_s: float = START_TIMEOUT_S) -> None:
+    """Wait (bounded) until the server's log holds `text`."""
+    deadline = time.monotonic() + timeout_s
+    while text not in server.log():
+        if server.proc.poll() is not None or time.monotonic() > deadline:
+            raise AssertionError(f"no {text!r} in the log of sdray serve:\n{server.log()}")
+        time.sleep(0.2)
 
 
 def accepts_connections(port: int) -> bool:

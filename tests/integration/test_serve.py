@@ -11,6 +11,7 @@ import base64
 import io
 import json
 import signal
+import time
 from pathlib import Path
 
 import httpx
@@ -279,6 +280,16 @@ BAD_REQUESTS = [
     (ONE, {"prompt": "a", "scheduler": "nope"}, 400, "scheduler", "invalid_value"),
     (ONE, {"prompt": "a", "n": 2}, 400, "n", "unknown_parameter"),
     (ONE, b"x" * 20_000, 413, None, "body_too_large"),
+    # Lone surrogates are legal JSON escapes but not text: each is its sender's 400, never a
+    # failure of the batch it would have joined.
+    (IMAGES, rb'{"prompt": "a \ud800 cube"}', 400, "prompt", "invalid_value"),
+    (
+        ONE,
+        rb'{"prompt": "a", "negative_prompt": "\udfff"}',
+        400,
+        "negative_prompt",
+        "invalid_value",
+    ),
 ]
 
 
@@ -337,22 +348,56 @@ def test_auth_guards_every_route_but_healthz(server):
         assert http.get("/v1/models", headers=second).status_code == 200
 
 
+def test_a_large_body_is_refused_by_its_content_length(client):
+    body = b'{"prompt": "' + b"x" * 8_000_000 + b'"}'
+    response = client.post(ONE, content=body, headers={"content-type": "application/json"})
+    assert response.status_code == 413
+    assert response.json()["error"]["code"] == "body_too_large"
+    assert "8000014 bytes" in response.json()["error"]["message"]
+    assert client.get("/v1/models").status_code == 200
+
+
+def test_a_large_chunked_body_is_refused_while_streaming(client):
+    def chunks():
+        yield b'{"prompt": "'
+        for _ in range(200):
+            yield b"x" * 65_536
+
+    response = client.post(IMAGES, content=chunks(), headers={"content-type": "application/json"})
+    assert response.status_code == 413
+    assert response.json()["error"]["code"] == "body_too_large"
+
+
 def test_api_keys_never_reach_the_logs(server, ray_cluster):
+    """Keys come from the server's environment (never runtime_env), and neither sdray nor Ray
+    writes them anywhere in the session directory, whatever clients send."""
     import ray
 
-    with httpx.Client(base_url=server.url, timeout=60) as http:
-        for key in (API_KEY, WRONG_KEY):
-            http.post(
-                "/v1/generate", json={"prompt": "a"}, headers={"Authorization": f"Bearer {key}"}
-            )
-    session = Path(ray._private.worker._global_node.get_session_dir_path())
-    texts = [server.log()] + [
-        path.read_text(errors="ignore") for path in (session / "logs").rglob("*") if path.is_file()
+    attempts = [
+        {"Authorization": f"Bearer {API_KEY}"},
+        {"Authorization": f"Bearer {SECOND_KEY}"},
+        {"Authorization": f"Bearer {WRONG_KEY}"},
+        {"Authorization": API_KEY},  # no scheme
+        {"Authorization": f"Basic {API_KEY}"},
+        {},
     ]
+    with httpx.Client(base_url=server.url, timeout=60) as http:
+        statuses = [
+            http.post("/v1/generate", json={"prompt": "a"}, headers=headers).status_code
+            for headers in attempts
+        ]
+        assert statuses == [200, 200, 401, 401, 401, 401]
+        http.get("/v1/models", headers={"Authorization": f"Bearer {API_KEY}"})
+    time.sleep(2)  # let Ray flush the replica's and the proxy's log files
+    session = Path(ray._private.worker._global_node.get_session_dir_path())
+    files = [path for path in session.rglob("*") if path.is_file() and not path.is_symlink()]
+    texts = [server.log()] + [path.read_bytes().decode(errors="ignore") for path in files]
     for key in (API_KEY, SECOND_KEY, WRONG_KEY):
-        assert not any(key in text for text in texts), f"{key} found in logs"
-    # The replica logged these requests, so the logs were there to look at.
-    assert any("/v1/generate" in text for text in texts)
+        leaks = [str(p) for p, t in zip(files, texts[1:], strict=True) if key in t]
+        assert key not in texts[0] and not leaks, f"{key} found in {leaks or 'the server log'}"
+    # The replica and the proxy logged these requests, so the logs were there to look at.
+    logs = "".join(t for p, t in zip(files, texts[1:], strict=True) if "logs" in p.parts)
+    assert "/v1/generate" in logs and "401" in logs
 
 
 def test_overload_gets_only_200s_and_503s_with_retry_after_and_server_stays_healthy(server):

@@ -1,14 +1,23 @@
 """`sdray serve` without SDRAY_API_KEYS and with a short timeout: open access, the replica's
-own 504, and a clean SIGINT shutdown."""
+own 504, a clean SIGINT shutdown, a stop while still deploying, and keys set but empty."""
 
 from __future__ import annotations
 
 import signal
+import subprocess
 
 import httpx
 import pytest
 
-from .serve_harness import ServeProcess, accepts_connections, start_server
+from .serve_harness import (
+    SDRAY,
+    ServeProcess,
+    accepts_connections,
+    free_port,
+    launch_server,
+    start_server,
+    wait_for_log,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -56,3 +65,58 @@ def test_sigint_shuts_down_cleanly(server):
     assert server.stop(signal.SIGINT) == 0, server.log()[-4000:]
     assert "stopped" in server.log()
     assert not accepts_connections(server.port)
+
+
+def test_sigterm_while_deploying_stops_cleanly(sdray_env, tmp_path):
+    """After the module's server is gone: a signal before the replicas are up still stops the
+    server cleanly (the handler only sets an event; the main thread does the shutdown)."""
+    server = launch_server(tmp_path, sdray_env, CONFIG, api_keys=None)
+    try:
+        wait_for_log(server, "deploying model")
+        assert server.stop(signal.SIGTERM) == 0, server.log()[-4000:]
+        assert "SIGTERM: shutting down" in server.log() and "stopped" in server.log()
+        assert "Traceback" not in server.log()
+        assert not accepts_connections(server.port)
+    finally:
+        server.cleanup()
+
+
+@pytest.mark.parametrize("keys", [" , ", ""])
+def test_api_keys_set_but_empty_refuse_to_start(sdray_env, keys):
+    env = {**sdray_env, "SDRAY_API_KEYS": keys}
+    done = subprocess.run(
+        [SDRAY, "serve", "--port", "1"], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode != 0
+    assert "SDRAY_API_KEYS is set but holds no API key" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_the_benchmark_deploys_one_app_at_a_time_and_deletes_only_its_own(ray_cluster):
+    """On a cluster where Serve already runs another app, the load benchmark deploys batching
+    on, then off (never both: one GPU holds one replica), and leaves the other app running."""
+    from ray import serve
+
+    from sdray.config import config_from_dict
+    from sdray.serve.loadgen import bench_serve
+
+    @serve.deployment(ray_actor_options={"num_cpus": 0})
+    class Keeper:
+        def __call__(self, request) -> str:
+            return "kept"
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        serve.run(Keeper.bind(), name="keeper", route_prefix="/keeper")
+        config = config_from_dict({**CONFIG, "model": {"device": "cpu"}})
+        results = bench_serve(
+            config, concurrencies=(2,), rounds=1, requests=4, time_limit_s=60, port=port
+        )
+        levels = {row["mode"]: row for row in results["levels"]}
+        assert set(levels) == {"batch=4", "batch=1"}
+        assert all(row["ok"] == 4 for row in levels.values()), levels
+        assert set(serve.status().applications) == {"keeper"}
+        assert httpx.get(f"http://127.0.0.1:{port}/keeper", timeout=30).text == "kept"
+    finally:
+        serve.shutdown()  # the next `sdray serve` starts Serve with its own HTTP options

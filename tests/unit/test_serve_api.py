@@ -14,14 +14,30 @@ from PIL import Image
 
 from sdray.config import config_from_dict
 from sdray.images import read_infotext
-from sdray.serve.api import BATCH_SIZE, ENGINE_MS, SEED, ImageOutcome, create_api
+from sdray.serve.api import (
+    BATCH_SIZE,
+    ENGINE_MS,
+    OUT_OF_MEMORY,
+    SEED,
+    SERVER_ERROR,
+    UNAVAILABLE,
+    ImageOutcome,
+    create_api,
+)
 from sdray.serve.auth import api_key_digests
 
 
 class FakeBackend:
-    """Answers with a flat image per request, or fails/stalls as told."""
+    """Answers with a flat image per request, or fails (with an error code)/stalls as told."""
 
-    def __init__(self, *, fail: str | None = None, stall_s: float = 0.0, loaded: bool = True):
+    def __init__(
+        self,
+        *,
+        fail: str | None = None,
+        code: str = SERVER_ERROR,
+        stall_s: float = 0.0,
+        loaded: bool = True,
+    ):
         self.config = config_from_dict(
             {
                 "generation": {"width": 64, "height": 64, "steps": 2},
@@ -33,6 +49,7 @@ class FakeBackend:
         self.load_seconds = 0.5
         self.loaded_at = time.time()
         self.fail = fail
+        self.code = code
         self.stall_s = stall_s
         self.loaded = loaded
         self.seen: list = []
@@ -54,6 +71,8 @@ class FakeBackend:
                 batch_size=len(requests),
                 engine_seconds=0.01,
                 queue_seconds=0.0,
+                error_id="e1d" if self.fail else None,
+                error_code=self.code,
             )
             for r in requests
         ]
@@ -61,7 +80,8 @@ class FakeBackend:
 
 def call(backend: FakeBackend, method: str, path: str, keys: str = "", **kwargs) -> httpx.Response:
     async def go():
-        transport = httpx.ASGITransport(app=create_api(backend, api_key_digests(keys)))
+        digests = api_key_digests(keys) if keys else ()
+        transport = httpx.ASGITransport(app=create_api(backend, digests))
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
             return await client.request(method, path, **kwargs)
 
@@ -98,10 +118,22 @@ def test_generate_route_returns_one_png():
     assert response.headers[SEED] == "7"
 
 
-def test_engine_failure_is_a_500_with_an_openai_body():
-    response = call(FakeBackend(fail="boom"), "POST", "/v1/generate", json={"prompt": "a"})
-    error = assert_error(response, 500, None)
-    assert error["type"] == "server_error" and "boom" in error["message"]
+def test_engine_failure_is_a_500_with_an_error_id_but_not_the_error(caplog):
+    backend = FakeBackend(fail="TypeError: secret internals")
+    response = call(backend, "POST", "/v1/generate", json={"prompt": "a"})
+    error = assert_error(response, 500, "server_error")
+    assert error["type"] == "server_error" and "error id e1d" in error["message"]
+    assert "secret" not in response.text and "TypeError" not in response.text
+    assert "secret internals" in caplog.text and "e1d" in caplog.text  # the server's log has it
+
+
+@pytest.mark.parametrize(("code", "words"), [(OUT_OF_MEMORY, "memory"), (UNAVAILABLE, "replaced")])
+def test_out_of_memory_and_a_failed_engine_are_503s_with_retry_after(code, words):
+    backend = FakeBackend(fail="OutOfMemoryError: CUDA out of memory", code=code)
+    response = call(backend, "POST", "/v1/images/generations", json={"prompt": "a", "n": 2})
+    error = assert_error(response, 503, code)
+    assert words in error["message"] and "CUDA" not in error["message"]
+    assert response.headers["retry-after"] == "1"
 
 
 def test_request_timeout_is_a_504():
@@ -109,18 +141,77 @@ def test_request_timeout_is_a_504():
     assert assert_error(response, 504, "timeout")["type"] == "server_error"
 
 
-def test_no_generation_before_the_model_is_loaded():
+def test_no_generation_while_the_replica_is_not_ready():
     backend = FakeBackend(loaded=False)
-    assert call(backend, "GET", "/healthz").status_code == 503
+    health = call(backend, "GET", "/healthz")
+    assert health.status_code == 503 and health.json() == {"status": "unavailable"}
     response = call(backend, "POST", "/v1/generate", json={"prompt": "a"})
-    assert_error(response, 503, "model_loading")
+    assert_error(response, 503, "model_unavailable")
     assert response.headers["retry-after"] == "1"
     assert backend.seen == []
 
 
 def test_oversized_body_is_413_before_parsing():
     response = call(FakeBackend(), "POST", "/v1/generate", content=b"x" * 100_000)
+    error = assert_error(response, 413, "body_too_large")
+    assert "100000 bytes" in error["message"]
+
+
+def test_declared_content_length_is_refused_before_the_body_is_read():
+    sent = []
+
+    async def body():
+        for _ in range(10_000):
+            sent.append(1)
+            yield b"x" * 65_536
+
+    headers = {"content-length": str(10_000 * 65_536)}
+    response = call(FakeBackend(), "POST", "/v1/generate", content=body(), headers=headers)
     assert_error(response, 413, "body_too_large")
+    assert len(sent) <= 1, f"{len(sent)} chunks were read before refusing"
+
+
+def test_a_streamed_body_is_read_only_up_to_the_limit():
+    sent = []
+
+    async def body():  # no Content-Length: chunked
+        for _ in range(10_000):
+            sent.append(1)
+            yield b"x" * 8_192
+
+    response = call(FakeBackend(), "POST", "/v1/images/generations", content=body())
+    assert "content-length" not in response.request.headers
+    error = assert_error(response, 413, "body_too_large")
+    assert "larger than" in error["message"]
+    assert len(sent) < 10, f"{len(sent)} chunks were read before refusing"
+
+
+@pytest.mark.parametrize(
+    ("raw", "param"),
+    [
+        (rb'{"prompt": "a red \ud800 cube"}', "prompt"),
+        (rb'{"prompt": "a", "negative_prompt": "\udfff"}', "negative_prompt"),
+        (rb'{"prompt": "a", "user": "\ud83d"}', "user"),
+        (rb'{"prompt": "a", "model": "x\ud800"}', "model"),
+        (rb'{"prompt": "a", "style": ["ok", {"k": "\ud800"}]}', "style"),
+        (rb'{"prompt": "a", "\ud800": 1}', "\\ud800"),
+    ],
+)
+def test_text_that_is_not_unicode_is_a_400_naming_the_parameter(raw, param):
+    backend = FakeBackend()
+    for route in ("/v1/images/generations", "/v1/generate"):
+        response = call(backend, "POST", route, content=raw)
+        error = assert_error(response, 400, "invalid_value")
+        assert error["param"] == param and "not valid Unicode" in error["message"]
+    assert backend.seen == []
+    # A valid surrogate pair is an ordinary character.
+    ok = call(backend, "POST", "/v1/generate", content=rb'{"prompt": "a \ud83d\ude00"}')
+    assert ok.status_code == 200 and backend.seen[0].prompt == "a \U0001f600"
+
+
+def test_deeply_nested_json_is_a_400():
+    response = call(FakeBackend(), "POST", "/v1/generate", content=b"[" * 8_000 + b"]" * 8_000)
+    assert_error(response, 400, "invalid_json")
 
 
 @pytest.mark.parametrize(
@@ -156,11 +247,18 @@ def test_unexpected_exceptions_are_500s_with_an_openai_body():
             return await client.post("/v1/generate", json={"prompt": "a"})
 
     error = assert_error(asyncio.run(go()), 500, "server_error")
-    assert "RuntimeError" in error["message"] and "secret" not in error["message"]
+    assert "error id" in error["message"]
+    assert "secret" not in error["message"] and "RuntimeError" not in error["message"]
 
 
 def test_load_generator_is_bounded_and_reads_the_serving_headers():
-    from sdray.serve.loadgen import batching_gain, request_bodies, run_load, summarize
+    from sdray.serve.loadgen import (
+        batching_gain,
+        request_bodies,
+        round_order,
+        run_load,
+        summarize,
+    )
 
     transport = httpx.ASGITransport(app=create_api(FakeBackend()))
     bodies = request_bodies(3, width=64, height=64, steps=2)
@@ -185,6 +283,9 @@ def test_load_generator_is_bounded_and_reads_the_serving_headers():
         {"mode": "off", "concurrency": 4, "throughput_rps": 2.0},
     ]
     assert batching_gain(rows, "on", "off") == {"4": 1.5}
+    assert round_order(["on", "off"], 3) == ["on", "off", "off", "on", "on", "off"]
+    path = summary["serve_path_ms"]
+    assert path["p50"] is not None and path["p50"] <= summary["overhead_ms"]["p50"]
     stopped = asyncio.run(
         run_load(
             "http://test/v1/images/generations",

@@ -9,6 +9,7 @@ import pytest
 from sdray.config import SdrayConfig, config_from_dict
 from sdray.errors import ConfigError
 from sdray.requests import SEED_LIMIT
+from sdray.serve import build_app
 from sdray.serve.auth import api_key_digests, check_authorization, key_digest
 from sdray.serve.protocol import (
     RANDOM_SEED_LIMIT,
@@ -22,7 +23,13 @@ from sdray.serve.protocol import (
     parse_body,
     parse_size,
 )
-from sdray.serve.server import ServeAppArgs, deployment_options, http_options, resolve_device
+from sdray.serve.server import (
+    GRACEFUL_SHUTDOWN_MARGIN_S,
+    ServeAppArgs,
+    deployment_options,
+    http_options,
+    resolve_device,
+)
 
 CONFIG = config_from_dict(
     {
@@ -147,6 +154,29 @@ def test_generate_request_names_width_and_height():
     assert error_of(one, {"prompt": "a", "n": 2}).param == "n"  # one image only
 
 
+@pytest.mark.parametrize(
+    ("raw", "param"),
+    [
+        (rb'{"prompt": "\ud800"}', "prompt"),
+        (rb'{"prompt": "a", "negative_prompt": "b\udc00"}', "negative_prompt"),
+        (rb'{"prompt": "a", "scheduler": "\ud800"}', "scheduler"),
+        (rb'{"prompt": "a", "extra": {"nested": ["\udfff"]}}', "extra"),
+    ],
+)
+def test_text_that_utf8_cannot_encode_is_a_400_naming_the_parameter(raw, param):
+    error = error_of(parse_body, raw, ImagesGenerationRequest)
+    assert (error.status, error.param, error.code) == (400, param, "invalid_value")
+    json.dumps(error.body(), ensure_ascii=False).encode("utf-8")  # the error body is sendable
+
+
+def test_prompts_are_checked_for_unicode_also_without_parse_body():
+    body = ImagesGenerationRequest(prompt="a", negative_prompt="\ud800")
+    error = error_of(images_requests, body, CONFIG.generation, CONFIG.serve)
+    assert (error.status, error.param) == (400, "negative_prompt")
+    (request,) = images({"prompt": "caf\u00e9 \U0001f600"})
+    assert request.prompt == "caf\u00e9 \U0001f600"
+
+
 def test_unknown_model_is_404():
     check_model(None, "tiny")
     check_model("tiny", "tiny")
@@ -158,8 +188,24 @@ def test_api_keys_parse_into_digests_only():
     digests = api_key_digests(" sk-one, ,sk-two,sk-one ")
     assert digests == tuple(sorted({key_digest("sk-one"), key_digest("sk-two")}))
     assert "sk-one" not in "".join(digests)
-    assert api_key_digests("") == ()
-    assert api_key_digests(" , ") == ()
+
+
+@pytest.mark.parametrize("value", ["", " ", ",", " , ,", "\t,\n"])
+def test_api_keys_set_but_empty_are_refused(value, monkeypatch):
+    with pytest.raises(ConfigError, match="SDRAY_API_KEYS is set but holds no API key"):
+        api_key_digests(value)
+    monkeypatch.setenv("SDRAY_API_KEYS", value)
+    with pytest.raises(ConfigError, match="unset it to serve without auth"):
+        api_key_digests()
+    with pytest.raises(ConfigError):
+        build_app({"config": {"serve": {"max_n": 2}}})
+
+
+def test_api_keys_unset_means_open_and_come_from_the_environment(monkeypatch):
+    monkeypatch.delenv("SDRAY_API_KEYS", raising=False)
+    assert api_key_digests() == ()
+    monkeypatch.setenv("SDRAY_API_KEYS", "sk-env")
+    assert api_key_digests() == (key_digest("sk-env"),)
 
 
 @pytest.mark.parametrize(
@@ -215,6 +261,9 @@ def test_deployment_options_map_the_serve_config():
     }
     assert options["max_ongoing_requests"] == 6
     assert options["max_queued_requests"] == 12
+    # Stopping replicas wait for requests that may run up to request_timeout_s, plus a margin.
+    assert options["graceful_shutdown_timeout_s"] == 120.0 + GRACEFUL_SHUTDOWN_MARGIN_S
+    assert GRACEFUL_SHUTDOWN_MARGIN_S > 0
     assert options["backpressure_config"] == {"status_code": 429, "retry_after_s": 3}
     assert deployment_options(config, "cuda")["ray_actor_options"] == {
         "num_cpus": 0.25,
@@ -230,9 +279,15 @@ def test_deployment_options_map_the_serve_config():
 def test_serve_options_are_valid_for_ray_serve():
     from ray.serve.config import AutoscalingConfig, BackpressureConfig
 
-    options = deployment_options(SdrayConfig(), "cpu")
+    from sdray.serve.app import ImageService
+
+    config = config_from_dict({"serve": {"request_timeout_s": 300}})
+    options = deployment_options(config, "cpu")
     AutoscalingConfig(**options["autoscaling_config"])
     BackpressureConfig(**options["backpressure_config"])
+    deployed = ImageService.options(**options)._deployment_config
+    assert deployed.graceful_shutdown_timeout_s == 300 + GRACEFUL_SHUTDOWN_MARGIN_S
+    assert deployed.max_ongoing_requests == config.serve.max_ongoing_requests
 
 
 def test_device_auto_without_a_cluster_is_cpu_and_explicit_device_wins():
@@ -268,8 +323,6 @@ def test_serve_config_files_build_the_app(name):
     import yaml
     from ray.serve.schema import ServeDeploySchema
 
-    from sdray.serve import build_app
-
     path = Path(__file__).resolve().parents[2] / "configs" / name
     schema = ServeDeploySchema.model_validate(yaml.safe_load(path.read_text()))
     (app,) = schema.applications
@@ -279,6 +332,35 @@ def test_serve_config_files_build_the_app(name):
     options = built._bound_deployment.ray_actor_options
     assert schema.http_options.request_timeout_s == config.serve.request_timeout_s
     assert ("num_gpus" in options) == (config.model.device == "cuda")
+
+
+def test_the_kuberay_service_serves_the_gpu_config_and_fits_its_worker_group():
+    from pathlib import Path
+
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    root = Path(__file__).resolve().parents[2]
+    service = yaml.safe_load((root / "infra" / "kuberay" / "rayservice.yaml").read_text())
+    schema = ServeDeploySchema.model_validate(yaml.safe_load(service["spec"]["serveConfigV2"]))
+    (app,) = schema.applications
+    gpu_file = yaml.safe_load((root / "configs" / "serve-gpu.yaml").read_text())
+    assert app.args == gpu_file["applications"][0]["args"]  # one config, kept in two places
+    built = build_app(app.args)
+    config = SdrayConfig.model_validate(built._bound_deployment.init_args[0])
+    assert config.serve.max_replicas > 1
+    assert schema.http_options.request_timeout_s == config.serve.request_timeout_s
+
+    cluster = service["spec"]["rayClusterConfig"]
+    assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+    (group,) = cluster["workerGroupSpecs"]
+    limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
+    per_worker = int(limits["nvidia.com/gpu"]) // config.serve.num_gpus_per_replica
+    assert config.serve.num_cpus_per_replica <= float(limits["cpu"])
+    assert group["minReplicas"] * per_worker >= config.serve.min_replicas
+    assert group["maxReplicas"] * per_worker == config.serve.max_replicas
+    grace = group["template"]["spec"]["terminationGracePeriodSeconds"]
+    assert grace >= config.serve.request_timeout_s + GRACEFUL_SHUTDOWN_MARGIN_S
 
 
 def test_serve_and_batch_never_import_each_other_and_serve_loads_torch_lazily():
