@@ -1,16 +1,17 @@
 """Sweep benchmarks: streaming expansion of a 10M-row sweep, and homogeneous batch ordering.
 
-    python pipelines/bench_sweep.py expand  [--rows 10000000] [--mode grid|random|materialized]
-    python pipelines/bench_sweep.py batching [--samples 256] [--size 128] [--repeats 2]
+    python pipelines/bench_sweep.py expand  [--rows 10000000] [--mode grid|noseed|random|materialized]
+    python pipelines/bench_sweep.py batching [--samples 128] [--size 128] [--repeats 3]
 
 `expand` runs each mode in a fresh process and prints its wall time and peak RSS (the RSS high
 water mark from getrusage, with the mark reached just by importing as the baseline).
-`materialized` builds the same rows as one in-memory table, for comparison.
+`noseed` is a grid without a seed axis (each prompt's seed derived once and shared by its rows);
+`materialized` builds the grid's rows as one in-memory table, for comparison.
 
 `batching` generates one mixed sweep (random draws over guidance, steps, scheduler and width;
-16 batch keys)
-with batch.sort_by_shape on and off, alternating, through `run_sweep` (the CLI's path), and
-also times the engine alone on the same rows in file order vs sorted by batch key.
+16 batch keys) with batch.sort_by_shape on and off, alternating, through `run_sweep` (the CLI's
+path), and also times the engine alone on the same rows in file order vs sorted by batch key.
+Each run also reports the time spent after generation (contact sheets, thumbnails, page).
 """
 
 from __future__ import annotations
@@ -32,10 +33,21 @@ def _peak_mib() -> float:
 
 
 def expansion_spec(rows: int, mode: str) -> dict:
-    """A spec with `rows` rows: 1000 prompts x 100 combinations-per-seed x seeds (grid), or
-    1000 prompts x rows/1000 random draws from a ~10^13-combination grid (random)."""
+    """A spec with `rows` rows: 1000 prompts x 100 combinations-per-seed x seeds (grid), 1000
+    prompts x 20 x rows/20000 steps values (noseed), or 1000 prompts x rows/1000 random draws
+    from a ~10^13-combination grid (random)."""
     prompts = [f"prompt number {i}, a detailed photograph" for i in range(1000)]
     per_prompt = rows // len(prompts)
+    if mode == "noseed":
+        return {
+            "name": "bench-noseed",
+            "prompts": prompts,
+            "axes": {
+                "guidance_scale": [1.0, 3.0, 5.0, 7.5, 9.0],
+                "scheduler": ["ddim", "euler", "dpmpp_2m", "unipc"],
+                "steps": {"start": 1, "stop": 1 + max(1, per_prompt // 20)},
+            },
+        }
     if mode == "random":
         return {
             "name": "bench-random",
@@ -192,20 +204,26 @@ def bench_batching(args) -> None:
                     ],
                 )
                 output = str(Path(scratch) / f"out-{on}-{repeat}")
+                started = time.perf_counter()
                 summary = run_sweep(str(spec), output, config, progress=False)
+                wall = time.perf_counter() - started
                 timings = summary.manifest["timings"]
                 rates[on].append(summary.job.images_per_second)
                 walls[on].append(timings["generate_s"])
                 print(
                     f"  sort_by_shape={on!s:>5}: {summary.ok} images, generate "
-                    f"{timings['generate_s']:.1f}s, {summary.job.images_per_second:.2f} images/s",
+                    f"{timings['generate_s']:.1f}s, {summary.job.images_per_second:.2f} images/s; "
+                    f"sweep {wall:.1f}s, of which {summary.sheets} sheets + thumbnails + page "
+                    f"{wall - timings['wall_s']:.1f}s",
                     flush=True,
                 )
         print(
             f"ray job, {2 * args.samples} images, batch_size {args.batch_size}: median "
             f"{statistics.median(rates[True]):.2f} images/s sorted vs "
             f"{statistics.median(rates[False]):.2f} unsorted "
-            f"(x{statistics.median(rates[True]) / statistics.median(rates[False]):.2f})",
+            f"(x{statistics.median(rates[True]) / statistics.median(rates[False]):.2f}); median "
+            f"generate {statistics.median(walls[True]):.1f}s vs "
+            f"{statistics.median(walls[False]):.1f}s",
             flush=True,
         )
         bench_engine(str(Path(scratch) / "out-True-0" / "sweep.parquet"), args.batch_size, 3)
@@ -224,18 +242,18 @@ def main() -> None:
     expand.add_argument(
         "--mode",
         action="append",
-        choices=["grid", "random", "materialized"],
-        help="repeatable; default: grid and random",
+        choices=["grid", "noseed", "random", "materialized"],
+        help="repeatable; default: grid, noseed and random",
     )
     batching = commands.add_parser("batching", help="sort_by_shape on vs off on a mixed sweep")
-    batching.add_argument("--samples", type=int, default=256, help="draws per prompt (2 prompts)")
+    batching.add_argument("--samples", type=int, default=128, help="draws per prompt (2 prompts)")
     batching.add_argument("--size", type=int, default=128, help="height; widths size, 1.5 size")
-    batching.add_argument("--repeats", type=int, default=2)
+    batching.add_argument("--repeats", type=int, default=3)
     batching.add_argument("--batch-size", type=int, default=8)
     batching.add_argument("--num-cpus", type=int, default=2)
     args = parser.parse_args()
     if args.command == "expand":
-        args.mode = args.mode or ["grid", "random"]
+        args.mode = args.mode or ["grid", "noseed", "random"]
         bench_expand(args)
     else:
         bench_batching(args)

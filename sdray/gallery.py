@@ -1,84 +1,42 @@
-"""A static gallery page for a sweep: thumbnails, filters by axis values, full metadata per image."""
+"""A static gallery page for a sweep: thumbnails, filters by axis values, full metadata per image.
+
+The page shows every row of a small sweep; of a large one, `gallery.max_images` rows sampled by
+a hash of their ids (spread evenly over prompts, axis values and shards), whose thumbnails the
+contact sheet pass wrote. It lists the first `gallery.max_sheets` contact sheets and says how
+many more there are. Text is escaped with `html.escape` and embedded JSON cannot close its
+<script>; one fixed template is small enough not to need a template engine.
+"""
 
 from __future__ import annotations
 
 import html
 import json
 import urllib.parse
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-GALLERY_PAGE = "index.html"
-THUMBS_DIR = "gallery/thumbs"
-CONTENT_TYPES = {".html": "text/html; charset=utf-8", ".png": "image/png", ".jpg": "image/jpeg"}
+from sdray.contact_sheets import SheetPlan
+from sdray.sweep.paths import (
+    GALLERY_PAGE,
+    SHEETS_INDEX,
+    display_value,
+    format_value,
+    thumbnail_path,
+    write_web_file,
+)
 
-
-def thumbnail_path(row_id: str) -> str:
-    """Where a row's thumbnail lives, relative to OUTPUT (named by a hash of the id)."""
-    from sdray.batch.sink import sample_key
-
-    key = sample_key(row_id)
-    return f"{THUMBS_DIR}/{key[:2]}/{key}.jpg"
-
-
-def write_web_file(fs, path: str, data: bytes) -> None:
-    """Write a file a browser will fetch; on object stores, with its Content-Type, so that a
-    bucket website serves the page as a page rather than as a download."""
-    from sdray.storage import is_local, write_bytes_atomic
-
-    content_type = next((t for s, t in CONTENT_TYPES.items() if path.endswith(s)), None)
-    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    if is_local(fs) or content_type is None:
-        write_bytes_atomic(fs, path, data)
-    elif protocol in ("s3", "s3a"):
-        with fs.open(path, "wb", ContentType=content_type) as handle:
-            handle.write(data)
-    elif protocol in ("gs", "gcs"):
-        with fs.open(path, "wb", content_type=content_type) as handle:
-            handle.write(data)
-    else:
-        write_bytes_atomic(fs, path, data)
+if TYPE_CHECKING:
+    from sdray.contact_sheets import SweepViews
 
 
-def read_gallery_rows(
-    output_uri: str, limit: int, storage_options: dict[str, Any] | None = None
-) -> tuple[list[dict[str, Any]], int]:
-    """The first `limit` metadata rows (every column) and the total row count, streaming."""
-    import pyarrow as pa
-    import pyarrow.dataset as pads
-    from pyarrow.fs import FSSpecHandler, PyFileSystem
-
-    from sdray.batch.sink import METADATA_DIR
-    from sdray.storage import filesystem, join
-
-    fs, root = filesystem(output_uri, storage_options)
-    dataset = pads.dataset(
-        join(root, METADATA_DIR),
-        filesystem=PyFileSystem(FSSpecHandler(fs)),
-        format="parquet",
-        partitioning="hive",
-    )
-    batches, kept = [], 0
-    for batch in dataset.to_batches():
-        if kept < limit:
-            batches.append(batch.slice(0, limit - kept))
-            kept += batches[-1].num_rows
-    total = dataset.count_rows()
-    table = pa.Table.from_batches(batches, schema=dataset.schema) if batches else None
-    return (table.to_pylist() if table is not None else []), total
-
-
-def _sort_key(plan, names: list[str]):
-    ranks = {}
-    for name in names:
-        listed = plan.axis(name).get("values")
-        ranks[name] = {v: i for i, v in enumerate(listed)} if listed else None
+def _sort_key(plan: SheetPlan, names: list[str]):
+    """Rows by prompt, then by each axis in its spec order, then by id."""
 
     def key(row: dict[str, Any]) -> tuple:
         parts: list[Any] = [row.get("prompt_index") or 0]
         for name in names:
-            value = row.get(name)
-            rank = ranks[name]
-            parts.append(rank.get(value, len(rank)) if rank is not None else (value or 0))
+            at = plan.position(name, row.get(name))
+            parts.append((at is None, at or 0, format_value(row.get(name))))
+        parts.append(str(row.get("id")))
         return tuple(parts)
 
     return key
@@ -100,17 +58,16 @@ def render_gallery(
     total: int,
     sheets: list[dict[str, Any]],
     image_links: bool = True,
+    sheets_total: int | None = None,
 ) -> str:
-    """The gallery page as one self-contained HTML string (metadata embedded as JSON)."""
-    import pyarrow as pa
+    """The gallery page as one self-contained HTML string (metadata embedded as JSON).
 
-    from sdray.contact_sheets import SheetPlan, format_value, normalize
-
+    `rows` are the rows shown (of `total`), `sheets` the contact sheets listed (of
+    `sheets_total`, default all of them)."""
     plan = SheetPlan.from_record(record)
     axis_names = [a["name"] for a in record["axes"]]
-    if rows:
-        rows = normalize(pa.Table.from_pylist(rows), plan).to_pylist()
     rows = sorted(rows, key=_sort_key(plan, axis_names))
+    sheets_total = len(sheets) if sheets_total is None else sheets_total
     esc = html.escape
 
     filters = []
@@ -124,7 +81,7 @@ def render_gallery(
         values = plan.order(name, [r.get(name) for r in rows if r.get(name) is not None])
         if len(values) > 1:
             options = "".join(
-                f'<option value="{esc(format_value(v))}">{esc(_short(format_value(v), 40))}'
+                f'<option value="{esc(display_value(v))}">{esc(_short(display_value(v), 40))}'
                 "</option>"
                 for v in values
             )
@@ -137,9 +94,9 @@ def render_gallery(
     cells = []
     for index, row in enumerate(rows):
         data = [f'data-prompt_index="{esc(str(row.get("prompt_index")))}"']
-        data += [f'data-{n}="{esc(format_value(row.get(n)))}"' for n in axis_names]
+        data += [f'data-{n}="{esc(display_value(row.get(n)))}"' for n in axis_names]
         data.append(f'data-status="{esc(str(row.get("status")))}"')
-        caption = " · ".join(f"{n} {format_value(row.get(n))}" for n in shown_axes)
+        caption = " · ".join(f"{n} {display_value(row.get(n))}" for n in shown_axes)
         if len(prompts) > 1:
             caption = f"{_short(row.get('prompt') or '', 40)} · {caption}"
         anchor = urllib.parse.quote(str(row["id"]), safe="")
@@ -159,20 +116,29 @@ def render_gallery(
         f"{esc(_fixed_text(s.get('fixed') or {}))}</a></li>"
         for s in sheets
     )
+    if sheets_total > len(sheets):
+        sheet_items += (
+            f'<li class="more">{sheets_total - len(sheets)} more contact sheets not listed here '
+            f'(gallery.max_sheets); all are in <a href="{_href(SHEETS_INDEX)}">{SHEETS_INDEX}</a>'
+            "</li>"
+        )
     ok = sum(r.get("status") == "ok" for r in rows)
     note = (
-        f"showing the first {len(rows)} of {total} rows (gallery.max_images); "
-        "all rows are in metadata/"
+        f"showing {len(rows)} of {total} rows, sampled across prompts and axis values "
+        "(gallery.max_images); all rows are in metadata/"
         if total > len(rows)
         else f"{total} rows"
     )
-    sheet_axes = f"rows: {plan.rows or '-'}, cols: {plan.cols or '-'}"
+    if plan.strip:
+        sheet_axes = "strips in zip order"
+    else:
+        sheet_axes = f"rows: {plan.rows or '-'}, cols: {plan.cols or '-'}"
     return PAGE.format(
         title=esc(record["name"]),
         summary=esc(f"{note} · {ok} images shown · mode {record['mode']}"),
         filters="".join(filters),
         cells="".join(cells),
-        sheets_count=len(sheets),
+        sheets_count=sheets_total,
         sheet_axes=esc(sheet_axes),
         sheet_items=sheet_items,
         rows_json=_json_for_script(rows),
@@ -194,26 +160,30 @@ def _short(text: str, limit: int) -> str:
 
 
 def _fixed_text(fixed: dict[str, Any]) -> str:
-    from sdray.contact_sheets import format_value
-
-    return "".join(f" · {k}={_short(format_value(v), 30)}" for k, v in fixed.items())
+    return "".join(f" · {k}={_short(display_value(v), 30)}" for k, v in fixed.items())
 
 
 def write_gallery(
     output_uri: str,
     record: dict[str, Any],
-    sheets: list[dict[str, Any]],
+    views: SweepViews,
     *,
     storage_options: dict[str, Any] | None = None,
 ) -> str:
-    """Write OUTPUT/index.html for a finished sweep; returns its URI."""
+    """Write OUTPUT/index.html for a finished sweep from the sheets pass; returns its URI."""
     from sdray.storage import filesystem, join
 
     fs, root = filesystem(output_uri, storage_options)
-    limit = int(record.get("gallery", {}).get("max_images", 10_000))
-    rows, total = read_gallery_rows(output_uri, limit, storage_options)
+    rows = views.gallery_rows
     links = all("#" not in (r.get("image_path") or "") for r in rows)
-    page = render_gallery(record, rows, total, sheets, image_links=links)
+    page = render_gallery(
+        record,
+        rows,
+        views.rows,
+        views.listed_sheets,
+        image_links=links,
+        sheets_total=views.sheet_count,
+    )
     write_web_file(fs, join(root, GALLERY_PAGE), page.encode("utf-8"))
     return join(output_uri, GALLERY_PAGE)
 

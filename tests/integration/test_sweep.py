@@ -236,3 +236,27 @@ def test_resume_with_another_spec_is_refused(swept, tmp_path):
     assert (output / "sweep.parquet").read_bytes() == (
         swept["output"] / "sweep.parquet"
     ).read_bytes()
+
+
+def test_resume_with_another_sheet_layout_redraws_only_the_new_sheets(swept, tmp_path):
+    from sdray.config import load_config
+    from sdray.sweep import run_sweep
+
+    output = tmp_path / "out"
+    shutil.copytree(swept["output"], output)
+    old = {p.name for p in (output / "contact_sheets").glob("*.png")}
+    changed = swept["root"] / "relaid.yaml"
+    changed.write_text(
+        SPEC.replace(
+            "sheet: {rows: steps, cols: guidance_scale}", "sheet: {rows: seed, cols: steps}"
+        )
+    )
+    config = load_config(None, FAST[1::2] + PARTITIONED[1::2])
+    summary = run_sweep(str(changed), str(output), config, resume=True, progress=False)
+    assert summary.sheets == 4  # 2 prompts x 2 guidance scales
+    new = {p.name for p in (output / "contact_sheets").glob("*.png")}
+    assert new.isdisjoint(old) and all("guidance_scale-" in name for name in new)
+    index = json.loads((output / "contact_sheets" / "index.json").read_text())
+    assert {Path(s["file"]).name for s in index["sheets"]} == new
+    record = json.loads((output / "sweep.json").read_text())
+    assert record["sheet"]["rows"] == "seed"

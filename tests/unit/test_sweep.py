@@ -2,20 +2,26 @@
 
 from __future__ import annotations
 
+import io
 import itertools
 import json
+import re
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 
 from sdray.config import GenerationConfig
+from sdray.requests import derive_seed
 from sdray.sweep import (
     SweepSpecError,
     check_against_config,
+    grid_positions,
     load_spec,
+    make_axis,
     permute,
     plan_expansion,
     prompt_keys,
@@ -30,8 +36,8 @@ def spec(**fields):
     return spec_from_dict({"name": "t", "prompts": ["a fox", "a lighthouse"], **fields})
 
 
-def expand(sweep, chunk_rows: int = 7) -> list[dict]:
-    expansion = plan_expansion(sweep)
+def expand(sweep, chunk_rows: int = 7, base_seed: int = 0) -> list[dict]:
+    expansion = plan_expansion(sweep, base_seed=base_seed)
     table = pa.concat_tables(expansion.chunks(chunk_rows))
     assert table.num_rows == expansion.rows
     assert table.schema == expansion.schema()
@@ -258,6 +264,10 @@ BAD_SPECS = [
     ),
     ({"sheet": {"rows": "steps"}, "axes": {"seed": [1]}}, "sheet.rows: 'steps' is not an axis"),
     ({"sheet": {"rows": "seed", "cols": "seed"}, "axes": {"seed": [1]}}, "sheet: rows and cols"),
+    (
+        {"mode": "zip", "sheet": {"cols": "seed"}, "axes": {"seed": [1, 2]}},
+        "sheet.cols: not used with mode: zip",
+    ),
     ({"prompts": []}, "prompts: List should have at least 1 item"),
     ({"prompts": ["ok", " "]}, "prompts[1]: is empty"),
     ({"prompts_file": "x.csv"}, "give exactly one of 'prompts' and 'prompts_file'"),
@@ -307,7 +317,11 @@ def test_sheet_axes_default_to_the_first_axes_with_several_values():
 
 @pytest.mark.parametrize(
     ("name", "rows"),
-    [("guidance-vs-steps.yaml", 36), ("scheduler-comparison.yaml", 30)],
+    [
+        ("guidance-vs-steps.yaml", 36),
+        ("scheduler-comparison.yaml", 30),
+        ("negative-prompts.yaml", 12),
+    ],
 )
 def test_example_specs_are_valid_and_small(name, rows):
     sweep = load_spec(str(REPO / "configs" / "sweeps" / name))
@@ -372,50 +386,445 @@ def test_gallery_page_escapes_and_embeds_metadata():
     assert [r["steps"] for r in json.loads(embedded)] == [2, 3]  # in axis order
 
 
-def test_sheet_groups_read_hive_text_and_random_mode_groups_by_prompt(tmp_path):
-    from PIL import Image
+# --- seeds, prompt ids, axes ------------------------------------------------------------------
 
-    from sdray.contact_sheets import SheetPlan, add_group_column, draw_group
-    from sdray.gallery import thumbnail_path
 
+def test_without_a_seed_axis_all_cells_of_a_prompt_share_its_seed():
+    sweep = spec(axes={"guidance_scale": [1, 7.5], "steps": [2, 3]})
+    rows = expand(sweep, base_seed=5)
+    for key, prompt in (("p0", "a fox"), ("p1", "a lighthouse")):
+        seeds = {r["seed"] for r in rows if r["prompt"] == prompt}
+        assert seeds == {derive_seed(5, key)}  # one seed for the whole sheet
+    assert rows[0]["seed"] != rows[-1]["seed"]  # but not one for every prompt
+    assert {r["seed"] for r in expand(sweep, base_seed=6)}.isdisjoint({r["seed"] for r in rows})
+    # The base seed decides the rows, so a resume with another one is refused.
+    assert sweep.row_fingerprint(5) != sweep.row_fingerprint(6)
+    # No axes at all: exactly the seeds `sdray generate` derives for the same ids.
+    plain = expand(spec(), base_seed=5)
+    assert [r["seed"] for r in plain] == [derive_seed(5, r["id"]) for r in plain]
+
+
+def test_a_seed_axis_gives_the_seeds():
+    sweep = spec(axes={"steps": [2, 3], "seed": [7, 8]})
+    assert [r["seed"] for r in expand(sweep, base_seed=5)][:4] == [7, 8, 7, 8]
+    assert sweep.row_fingerprint(5) == sweep.row_fingerprint(6)
+
+
+def test_prompts_file_ids_key_the_seeds_and_its_seed_column_wins(tmp_path):
+    (tmp_path / "p.csv").write_text("id,prompt,seed\nfox,a fox,\nhouse,a house,42\n")
+    sweep = spec_from_dict(
+        {"name": "t", "prompts_file": str(tmp_path / "p.csv"), "axes": {"steps": [2, 3]}}
+    )
+    rows = expand(sweep, base_seed=3)
+    assert [r["seed"] for r in rows] == [derive_seed(3, "fox")] * 2 + [42, 42]
+    assert "seed" in plan_expansion(sweep).schema().names
+
+
+def test_prompts_file_null_ids_fall_back_to_positions(tmp_path):
+    table = pa.table({"id": ["fox", None, ""], "prompt": ["a fox", "a house", "a boat"]})
+    pq.write_table(table, tmp_path / "p.parquet")
+    sweep = spec_from_dict(
+        {"name": "t", "prompts_file": str(tmp_path / "p.parquet"), "axes": {"steps": [2, 3]}}
+    )
+    rows = expand(sweep)
+    assert [r["id"] for r in rows] == [
+        "fox/steps=2",
+        "fox/steps=3",
+        "p1/steps=2",
+        "p1/steps=3",
+        "p2/steps=2",
+        "p2/steps=3",
+    ]
+    assert rows[2]["seed"] == derive_seed(0, "p1")
+
+
+def test_prompts_file_duplicate_ids_are_refused_before_anything_is_written(tmp_path):
+    from sdray.config import load_config
+    from sdray.sweep import run_sweep
+
+    prompts = tmp_path / "prompts.csv"
+    prompts.write_text("id,prompt\nfox,a fox\nhouse,a house\nfox,another fox\np3,a boat\n,a cat\n")
+    (tmp_path / "spec.yaml").write_text("name: t\nprompts_file: prompts.csv\naxes: {steps: [2]}\n")
+    with pytest.raises(SweepSpecError) as caught:
+        plan_expansion(load_spec(str(tmp_path / "spec.yaml")))
+    message = str(caught.value)
+    assert "duplicate ids: 'fox'" in message and str(prompts) in message
+    # A missing id takes its position (p4 here); a clash with a given id is named too.
+    prompts.write_text("id,prompt\np1,a fox\n,a house\n")
+    with pytest.raises(SweepSpecError, match="duplicate ids: 'p1'"):
+        run_sweep(str(tmp_path / "spec.yaml"), str(tmp_path / "out"), load_config())
+    assert not (tmp_path / "out").exists()
+
+
+def test_axis_arrays_are_built_once():
+    axis = make_axis("guidance_scale", {"start": 0, "stop": 100, "step": 0.001})
+    assert axis.value_array is axis.value_array and axis.label_array is axis.label_array
+    index = np.array([0, 99_999, 5], dtype=np.int64)
+    assert axis.take(index).to_pylist() == [0.0, 99.999, 0.005]
+    assert axis.labels(index).to_pylist()[1] == "guidance_scale=99.999"
+    lazy = make_axis("seed", {"start": 10, "stop": 10**12})
+    assert lazy.value_array is None
+    assert lazy.labels(np.array([2])).to_pylist() == ["seed=12"]
+
+
+@pytest.mark.parametrize("sizes", [[], [5], [2, 3, 4], [1, 7, 1, 3]])
+def test_grid_positions_put_the_last_axis_fastest(sizes):
+    flat = np.arange(int(np.prod(sizes)), dtype=np.int64)
+    expected = list(itertools.product(*(range(n) for n in sizes)))
+    got = list(zip(*grid_positions(flat, sizes), strict=True)) if sizes else [()]
+    assert [tuple(int(v) for v in t) for t in got] == expected
+
+
+def test_resume_of_an_output_without_a_sweep_record_is_refused(tmp_path):
+    from sdray.config import load_config
+    from sdray.errors import SdrayError
+    from sdray.sweep import run_sweep
+
+    (tmp_path / "spec.yaml").write_text("name: t\nprompts: [a fox]\naxes: {steps: [2, 3]}\n")
+    output = tmp_path / "generated"
+    (output / "metadata").mkdir(parents=True)
+    (output / "manifest.json").write_text("{}")
+    with pytest.raises(SdrayError, match="has manifest.json but no sweep.json"):
+        run_sweep(str(tmp_path / "spec.yaml"), str(output), load_config(), resume=True)
+    assert sorted(p.name for p in output.iterdir()) == ["manifest.json", "metadata"]
+
+
+# --- web files --------------------------------------------------------------------------------
+
+
+class FlakyBucket:
+    """An fsspec-like object store that fails the first upload of each path."""
+
+    protocol = ("s3", "s3a")
+
+    def __init__(self) -> None:
+        self.puts: list[tuple[str, dict]] = []
+        self.failed: set[str] = set()
+
+    def pipe_file(self, path, data, **kwargs):
+        if path not in self.failed:
+            self.failed.add(path)
+            raise ConnectionResetError("connection reset by peer")
+        self.puts.append((path, kwargs))
+
+
+def test_web_files_on_object_stores_carry_their_type_and_are_retried():
+    from sdray.sweep.paths import write_web_file
+
+    bucket = FlakyBucket()
+    for path in ("b/index.html", "b/gallery/thumbs/ab/x.jpg", "b/contact_sheets/p0.png"):
+        write_web_file(bucket, path, b"data")
+    assert bucket.puts == [
+        ("b/index.html", {"ContentType": "text/html; charset=utf-8"}),
+        ("b/gallery/thumbs/ab/x.jpg", {"ContentType": "image/jpeg"}),
+        ("b/contact_sheets/p0.png", {"ContentType": "image/png"}),
+    ]
+
+
+# --- contact sheets ---------------------------------------------------------------------------
+
+
+def test_sheet_names_are_distinct_for_long_and_non_ascii_values():
+    from sdray.contact_sheets import sheet_name
+
+    long = "blurry, low quality, jpeg artifacts, watermark, "
+    values = [long + "text", long + "signature", "草原の狐", "雪の中の狐", "", "a/b", "a_b"]
+    names = [sheet_name(0, {"negative_prompt": v, "seed": 1}) for v in values]
+    assert len(set(names)) == len(names)
+    assert all(re.fullmatch(r"[A-Za-z0-9._+~-]+\.png", n) for n in names), names
+    schedulers = [sheet_name(3, {"scheduler": s}) for s in ("dpmpp_2m", "ddim")]
+    assert schedulers == ["p00003_scheduler-dpmpp_2m.png", "p00003_scheduler-ddim.png"]
+    floats = [sheet_name(0, {"guidance_scale": g}) for g in (1.0, 1.5, 10.0)]
+    assert floats == [
+        "p00000_guidance_scale-1.0.png",
+        "p00000_guidance_scale-1.5.png",
+        "p00000_guidance_scale-10.0.png",
+    ]
+    assert sheet_name(0, {"seed": 1}) != sheet_name(1, {"seed": 1})
+
+
+def color(index: int) -> tuple[int, int, int]:
+    return (37 * index % 256, 91 * index % 256, 53 * index % 256 + 1)
+
+
+def png(index: int, size: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (size, size), color(index)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def write_fake_output(root: Path, rows: list[dict], fmt: str, per_shard: int, size: int = 24):
+    """An output as the batch job writes it: image shards of `fmt`, metadata partitioned by
+    steps (Hive); each ok row's image is one color, from the row's position."""
+    import fsspec
+
+    from sdray.batch.sink import WRITERS, ShardImages, sample_key
+
+    fs = fsspec.filesystem("file")
+    for shard, start in enumerate(range(0, len(rows), per_shard)):
+        chunk = list(enumerate(rows[start : start + per_shard], start))
+        for steps in sorted({r["steps"] for _, r in chunk}):
+            part = [(i, r) for i, r in chunk if r["steps"] == steps]
+            batch = ShardImages(
+                [sample_key(r["id"]) for _, r in part],
+                [png(i, size) if r["status"] == "ok" else None for i, r in part],
+                [r for _, r in part],
+            )
+            directory, name = f"images/steps={steps}/", f"part-{shard:04d}"
+            paths = WRITERS[fmt]("png").write(fs, str(root), directory, name, batch)
+            metadata = pa.Table.from_pylist(
+                [{k: v for k, v in r.items() if k != "steps"} for _, r in part]
+            ).append_column("image_path", pa.array(paths, pa.string()))
+            folder = root / "metadata" / f"steps={steps}"
+            folder.mkdir(parents=True, exist_ok=True)
+            pq.write_table(metadata, folder / f"{name}.parquet")
+
+
+def sweep_rows(axes: dict[str, list], prompts=("a fox", "a lighthouse"), mode="grid") -> list[dict]:
+    names = list(axes)
+    combos = (
+        list(zip(*axes.values(), strict=True))
+        if mode == "zip"
+        else list(itertools.product(*axes.values()))
+    )
+    rows = []
+    for p, prompt in enumerate(prompts):
+        for values in combos:
+            labels = "/".join(f"{n}={v!r}" for n, v in zip(names, values, strict=True))
+            row = {"id": f"p{p}/{labels}", "prompt": prompt, "prompt_index": p}
+            row.update(zip(names, values, strict=True))
+            rows.append({**row, "status": "ok", "error": None})
+    return rows
+
+
+def axes_record(axes: dict[str, list]) -> list[dict]:
+    kinds = {float: "float", int: "int", str: "str"}
+    return [
+        {"name": n, "type": kinds[type(v[0])], "size": len(v), "values": v} for n, v in axes.items()
+    ]
+
+
+def run_sheet_stages(root: Path, record: dict, rate: float = 1.0, thumb_size: int = 16):
+    """Both stages in this process, grouped as Ray would: (sheets' records, gallery rows)."""
+    import pyarrow.compute as pc
+
+    from sdray.contact_sheets import GROUP_COLUMN, SheetPlan, draw_group, tile_shards
+
+    plan = SheetPlan.from_record(record)
+    files = sorted(str(p) for p in (root / "metadata").rglob("*.parquet"))
+    kwargs = {"plan": plan, "output_uri": str(root), "storage_options": None}
+    tiles = pa.concat_tables(
+        tile_shards(pa.table({"path": [f]}), **kwargs, thumb_size=thumb_size, rate=rate)
+        for f in files
+    )
+    outputs = [
+        draw_group(tiles.filter(pc.equal(tiles.column(GROUP_COLUMN), key)), **kwargs)
+        for key in sorted(set(tiles.column(GROUP_COLUMN).to_pylist()))
+    ]
+    rows = pa.concat_tables(outputs).to_pylist()
+    sheets = [json.loads(r["payload"]) for r in rows if r["kind"] == "sheet"]
+    sidecars = [json.loads((root / s["file"]).with_suffix(".json").read_text()) for s in sheets]
+    return sidecars, [json.loads(r["payload"]) for r in rows if r["kind"] == "gallery"]
+
+
+GRID_AXES = {"guidance_scale": [1.0, 7.5], "steps": [2, 3], "seed": [0, 1]}
+
+
+@pytest.mark.parametrize("fmt", ["webdataset", "parquet", "files"])
+def test_sheets_read_each_image_container_once(tmp_path, monkeypatch, fmt):
+    from fsspec.implementations.local import LocalFileSystem
+
+    from sdray.contact_sheets import sample_rank
+    from sdray.sweep.paths import thumbnail_path
+
+    rows = sweep_rows(GRID_AXES)
+    rows[5] = {**rows[5], "status": "error", "error": "steps=3: too many"}
+    # As the batch job orders them (by batch key): every sheet spreads over several shards.
+    order = sorted(range(len(rows)), key=lambda i: (rows[i]["steps"], rows[i]["guidance_scale"]))
+    rows = [rows[i] for i in order]
+    write_fake_output(tmp_path, rows, fmt, per_shard=3, size=24)
+    containers = {p for p in (tmp_path / "images").rglob("*") if p.is_file()}
+    opened: list[str] = []
+    original = LocalFileSystem._open
+
+    def counting_open(self, path, *args, **kwargs):
+        if "/images/" in str(path):
+            opened.append(str(path))
+        return original(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(LocalFileSystem, "_open", counting_open)
+    record = {
+        "mode": "grid",
+        "rows": len(rows),
+        "axes": axes_record(GRID_AXES),
+        "sheet": {"rows": "steps", "cols": "guidance_scale", "max_tile": 16},
+    }
+    rate = 0.4  # as sample_rate gives for a larger sweep
+    sheets, gallery = run_sheet_stages(tmp_path, record, rate=rate)
+
+    assert sorted(opened) == sorted(str(p) for p in containers)  # each one, exactly once
+    assert len(sheets) == 4  # 2 prompts x 2 seeds
+    assert {(s["prompt_index"], s["fixed"]["seed"]) for s in sheets} == {
+        (p, seed) for p in (0, 1) for seed in (0, 1)
+    }
+    by_id = {r["id"]: (i, r) for i, r in enumerate(rows)}
+    drawn = 0
+    for layout in sheets:
+        sheet = np.asarray(Image.open(tmp_path / layout["file"]).convert("RGB"))
+        assert [c["text"] for c in layout["col_labels"]] == ["1.0", "7.5"]
+        assert [c["text"] for c in layout["row_labels"]] == ["2", "3"]
+        for cell in layout["cells"]:
+            index, row = by_id[cell["id"]]
+            assert row["steps"] == [2, 3][cell["row"]]
+            assert row["guidance_scale"] == [1.0, 7.5][cell["col"]]
+            x0, y0, x1, y1 = cell["box"]
+            assert (x1 - x0, y1 - y0) == (16, 16)  # shrunk to max_tile
+            assert (sheet[y0:y1, x0:x1] == color(index)).all()
+            drawn += 1
+    assert drawn == 15  # every ok row, once
+    # Thumbnails for the gallery's sample only, which carries the rows' full metadata.
+    sampled = {r["id"] for r in rows if sample_rank(r["id"]) < rate}
+    assert {r["id"] for r in gallery} == sampled and 0 < len(sampled) < len(rows)
+    ok_sampled = {i for i in sampled if by_id[i][1]["status"] == "ok"}
+    thumbs = {str(p.relative_to(tmp_path)) for p in (tmp_path / "gallery").rglob("*.jpg")}
+    assert thumbs == {thumbnail_path(i) for i in ok_sampled}
+    assert all(r["image_path"] and "steps" in r for r in gallery if r["status"] == "ok")
+
+
+def test_images_past_the_sheet_side_are_never_loaded(tmp_path, monkeypatch):
+    from sdray import contact_sheets
+
+    axes = {"seed": list(range(40)), "steps": [2]}
+    rows = sweep_rows(axes, prompts=("a fox",))
+    write_fake_output(tmp_path, rows, "files", per_shard=50)
+    loaded: list[str] = []
+    original = contact_sheets.read_images
+
+    def counting(fs, root, container, members):
+        loaded.append(container)
+        return original(fs, root, container, members)
+
+    monkeypatch.setattr(contact_sheets, "read_images", counting)
+    record = {
+        "mode": "grid",
+        "rows": len(rows),
+        "axes": axes_record(axes),
+        "sheet": {"rows": "steps", "cols": "seed", "max_tile": 32},
+    }
+    (sheet,), _ = run_sheet_stages(tmp_path, record, rate=0.0)
+    assert len(loaded) == contact_sheets.MAX_SIDE  # seeds 32..39 are past the side
+    assert sheet["values_left_out"] == 8 and len(sheet["cells"]) == contact_sheets.MAX_SIDE
+
+
+def test_zip_sheets_are_one_labelled_strip(tmp_path):
+    axes = {"guidance_scale": [1.0, 5.0, 9.0], "steps": [2, 3, 4]}
+    rows = sweep_rows(axes, mode="zip")
+    write_fake_output(tmp_path, rows, "webdataset", per_shard=4)
+    record = {
+        "mode": "zip",
+        "rows": len(rows),
+        "axes": axes_record(axes),
+        "sheet": {"rows": None, "cols": None, "max_tile": 32},
+    }
+    sheets, _ = run_sheet_stages(tmp_path, record)
+    assert len(sheets) == 2  # one per prompt
+    for layout in sheets:
+        assert layout["layout"] == "strip" and layout["row_labels"] == []
+        assert [c["text"] for c in layout["col_labels"]] == [
+            "guidance_scale 1.0\nsteps 2",
+            "guidance_scale 5.0\nsteps 3",
+            "guidance_scale 9.0\nsteps 4",
+        ]
+        assert [(c["row"], c["col"]) for c in layout["cells"]] == [(0, 0), (0, 1), (0, 2)]
+        assert layout["size"][1] < 24 * 2 + 100  # one row of images, not a 3 x 3 diagonal
+
+
+def test_random_sheets_group_by_prompt_and_caption_cells(tmp_path):
+    axes = {"steps": [4, 2], "guidance_scale": [1.0, 7.5]}
     record = {
         "mode": "random",
+        "rows": 3,
         "axes": [
-            {"name": "steps", "type": "int", "size": 2, "values": [4, 2]},
-            {"name": "guidance_scale", "type": "float", "size": 2, "values": [1.0, 7.5]},
+            *axes_record(axes),
             {"name": "seed", "type": "int", "size": 10**6, "range": {"start": 0, "step": 1}},
         ],
         "sheet": {"rows": "steps", "cols": "guidance_scale", "max_tile": 32},
     }
-    plan = SheetPlan.from_record(record)
-    rows = []
-    for i, (steps, guidance, seed) in enumerate([("2", 1.0, 5), ("4", 7.5, 9), ("2", 1.0, 7)]):
-        path = f"images/{i}.png"
-        (tmp_path / "images").mkdir(exist_ok=True)
-        Image.new("RGB", (64, 64), (i * 80, 0, 0)).save(tmp_path / path)
-        rows.append(
-            {
-                "id": f"p0/{i}",
-                "prompt": "a fox",
-                "prompt_index": 0,
-                "steps": steps,
-                "guidance_scale": guidance,
-                "seed": seed,
-                "status": "ok",
-                "image_path": path,
-            }
-        )
-    table = add_group_column(pa.Table.from_pylist(rows), plan)  # steps arrive as Hive text
-    assert table.schema.field("steps").type == pa.int64()
-    assert len(set(table.column("__sdray_sheet").to_pylist())) == 1  # random: one per prompt
-    summary = draw_group(table, plan, str(tmp_path), None, thumb_size=16).to_pylist()[0]
-    layout = json.loads((tmp_path / "contact_sheets" / "p00000.json").read_text())
-    assert summary["file"] == "contact_sheets/p00000.png" and summary["thumbnails"] == 3
+    draws = [(2, 1.0, 5), (4, 7.5, 9), (2, 1.0, 7)]
+    rows = [
+        {
+            "id": f"p0/{i}",
+            "prompt": "a fox",
+            "prompt_index": 0,
+            "steps": steps,
+            "guidance_scale": guidance,
+            "seed": seed,
+            "status": "ok",
+            "error": None,
+        }
+        for i, (steps, guidance, seed) in enumerate(draws)
+    ]
+    write_fake_output(tmp_path, rows, "files", per_shard=2)  # steps arrive as Hive text
+    (layout,), _ = run_sheet_stages(tmp_path, record)
+    assert layout["file"] == "contact_sheets/p00000.png"
     assert layout["rows"]["values"] == [4, 2]  # the spec's order, not sorted
     assert layout["cols"]["values"] == [1.0, 7.5]
-    # Two draws share the cell (steps 2, cfg 1.0): the first by id fills it; tiles fit max_tile.
+    # Two draws share the cell (steps 2, cfg 1.0): the first by id fills it, the other counted.
     cells = {(c["row"], c["col"]): c for c in layout["cells"]}
     assert sorted(cells) == [(0, 1), (1, 0)] and cells[(1, 0)]["id"] == "p0/0"
-    x0, y0, x1, y1 = cells[(1, 0)]["box"]
-    assert (x1 - x0, y1 - y0) == (32, 32)
-    assert Image.open(tmp_path / thumbnail_path("p0/2")).size == (16, 16)
+    assert layout["hidden_draws"] == 1
+    assert cells[(1, 0)]["caption"] == "seed 5" and cells[(0, 1)]["caption"] == "seed 9"
+    sheet = np.asarray(Image.open(tmp_path / layout["file"]).convert("L"))
+    x0, _, x1, y1 = cells[(1, 0)]["box"]
+    assert sheet[y1 + 1 : y1 + 14, x0 - 4 : x1 + 4].min() < 160  # the caption is drawn
+
+
+def test_gallery_sample_is_spread_and_holds_the_cap():
+    from sdray.contact_sheets import sample_rank, sample_rate
+
+    assert sample_rate(16, 16) == 1.0
+    ids = [
+        f"p{p}/steps={s}/seed={seed}" for p in range(20) for s in range(50) for seed in range(20)
+    ]
+    cap = 1000
+    rate = sample_rate(len(ids), cap)
+    ranked = sorted((sample_rank(i), i) for i in ids)
+    picked = [i for r, i in ranked if r < rate]
+    assert cap <= len(picked) < 1.2 * cap  # enough to keep the cap lowest, few over
+    shown = [i for _, i in ranked[:cap]]
+    per_prompt = {p: sum(i.startswith(f"p{p}/") for i in shown) for p in range(20)}
+    assert min(per_prompt.values()) > 25 and max(per_prompt.values()) < 80, per_prompt
+    assert len({i.split("/")[1] for i in shown}) == 50  # every steps value
+
+
+def test_gallery_page_lists_at_most_the_sheets_it_is_given():
+    from sdray.gallery import render_gallery
+
+    record = {
+        "name": "t",
+        "mode": "grid",
+        "axes": [{"name": "steps", "type": "int", "size": 2, "values": [2, 3]}],
+        "sheet": {"rows": "steps", "cols": None, "max_tile": 256},
+    }
+    sheets = [
+        {"file": f"contact_sheets/p{i:05d}.png", "prompt": "x", "prompt_index": i, "fixed": {}}
+        for i in range(3)
+    ]
+    page = render_gallery(record, [], total=10_000, sheets=sheets, sheets_total=700)
+    assert page.count('<li><a href="contact_sheets/p') == 3
+    assert "697 more contact sheets not listed" in page
+    assert "700 contact sheets" in page
+
+
+def test_tiles_check_the_size_before_decoding():
+    from sdray.contact_sheets import tile_and_thumbnail
+
+    small = png(3, 24)
+    header_only = small[:60]  # a valid header, no pixels: decoding it would fail
+    assert tile_and_thumbnail(header_only, 32, None) == (header_only, None)
+    buffer = io.BytesIO()
+    Image.new("RGB", (600, 400), color(5)).save(buffer, format="JPEG")
+    tile, thumb = tile_and_thumbnail(buffer.getvalue(), 256, 64)
+    assert Image.open(io.BytesIO(tile)).size == (256, 171)
+    assert Image.open(io.BytesIO(thumb)).size == (64, 43)
+    assert tile_and_thumbnail(buffer.getvalue(), None, None) == (None, None)
