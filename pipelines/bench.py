@@ -1,6 +1,6 @@
 """Benchmark: plain diffusers loop vs the engine vs the Ray Data pipeline (same as `sdray bench`).
 
-python pipelines/bench.py --rows 64 --set generation.steps=20
+python pipelines/bench.py --rows 256 --set generation.steps=20
 """
 
 import argparse
@@ -12,7 +12,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--config")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
-    parser.add_argument("--rows", type=int, default=64)
+    parser.add_argument("--rows", type=int, default=256)
     parser.add_argument("--skip-ray", action="store_true")
     args = parser.parse_args()
     run_bench(

@@ -170,7 +170,7 @@ def _ray_pipeline(config: SdrayConfig, requests, cores: int):
     return summary, memory.peak_mb
 
 
-def run_bench(config: SdrayConfig, *, rows: int = 64, include_ray: bool = True) -> dict:
+def run_bench(config: SdrayConfig, *, rows: int = 256, include_ray: bool = True) -> dict:
     """Measure (a) diffusers loop, (b) engine, (c) Ray pipeline; print and return the figures."""
     import torch
 

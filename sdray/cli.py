@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser("bench", help="compare a plain diffusers loop, the engine and Ray")
     _add_config_args(bench)
-    bench.add_argument("--rows", type=int, default=64, help="images per measured run")
+    bench.add_argument("--rows", type=int, default=256, help="images per measured run")
     bench.add_argument("--skip-ray", action="store_true", help="measure in-process only")
     return parser
 

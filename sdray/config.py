@@ -22,7 +22,11 @@ class ModelConfig(_Section):
         "tiny",
         description="`tiny` (embedded), a local diffusers directory, or an fsspec URI of one.",
     )
-    device: Literal["cpu", "cuda", "auto"] = Field("auto", description="Torch device.")
+    device: Literal["cpu", "cuda", "auto"] = Field(
+        "cpu",
+        description="Torch device; `auto` picks cuda where the cluster (or process) has GPUs. "
+        "The embedded default is cpu, so no config runs anywhere the same way.",
+    )
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
         "auto", description="Weights/compute dtype; auto is float16 on cuda, float32 on cpu."
     )

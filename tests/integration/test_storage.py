@@ -241,3 +241,41 @@ def test_parquet_format_locally(tmp_path, sdray_env):
         assert row["image_path"].endswith("#" + image["key"])
         assert Image.open(io.BytesIO(image["image"])).format == "JPEG"
         assert "Steps: 2" in read_infotext(image["image"])
+
+
+def test_credentials_from_config_storage_options(s3, s3fs_client, sdray_env, tmp_path):
+    """No AWS variables anywhere: the endpoint and keys come from storage.storage_options."""
+    fs = s3fs_client
+    put_table(fs, f"{BUCKET}/prompts-opts/a.parquet", prompts_table(3))
+    config = tmp_path / "s3.yaml"
+    config.write_text(
+        "storage:\n"
+        "  storage_options:\n"
+        f"    key: {CREDENTIALS['AWS_ACCESS_KEY_ID']}\n"
+        f"    secret: {CREDENTIALS['AWS_SECRET_ACCESS_KEY']}\n"
+        f"    endpoint_url: {s3.endpoint}\n"
+        "    client_kwargs: {region_name: us-east-1}\n"
+    )
+    env = {k: v for k, v in sdray_env.items() if not k.startswith("AWS_")}
+    result = run_cli(
+        [
+            "generate",
+            "--input",
+            f"s3://{BUCKET}/prompts-opts/",
+            "--output",
+            f"s3://{BUCKET}/out-opts",
+            "--config",
+            str(config),
+            *FAST,
+        ],
+        env,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    rows = s3_metadata(fs, f"{BUCKET}/out-opts")
+    assert sorted(r["id"] for r in rows) == ["p0", "p1", "p2"]
+    assert all(fs.exists(f"{BUCKET}/out-opts/{r['image_path']}") for r in rows)
+    # The manifest records the config with every storage option redacted.
+    manifest = json.loads(fs.cat(f"{BUCKET}/out-opts/manifest.json"))
+    options = manifest["config"]["storage"]["storage_options"]
+    assert set(options) == {"key", "secret", "endpoint_url", "client_kwargs"}
+    assert set(options.values()) == {"***"}

@@ -7,9 +7,13 @@ from sdray.errors import ConfigError
 
 
 def test_defaults_are_the_embedded_cpu_config():
+    from pathlib import Path
+
     config = load_config()
-    assert config.model.source == "tiny"
+    assert config.model.source == "tiny" and config.model.device == "cpu"
     assert config.output.format == "files"
+    # configs/cpu.yaml spells out the embedded default: they must never drift apart.
+    assert load_config(Path(__file__).resolve().parents[2] / "configs/cpu.yaml") == config
 
 
 def test_overrides_reach_nested_keys_with_yaml_types():
