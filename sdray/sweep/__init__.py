@@ -5,6 +5,8 @@ generated on the same batch path as `sdray generate`, then drawn as contact shee
 - `expand`: the spec streamed into `OUTPUT/sweep.parquet` in bounded chunks (`plan_expansion`,
   `write_expansion`). Without a `seed` axis, all rows of a prompt share one seed derived from
   (generation.seed, the prompt's id), so a sheet's cells differ only by the axes compared.
+- `contact_sheets`: one labelled grid per prompt (and combination of undrawn axes), plus the
+  gallery's thumbnails, reading every image shard once; `gallery`: the static `index.html`.
 - `run`: the whole sweep (`run_sweep`); `paths`: where its outputs live in OUTPUT.
 """
 

@@ -137,9 +137,9 @@ def run_sweep(
     """Expand a sweep spec into OUTPUT/sweep.parquet, generate it exactly as `sdray generate`
     would, then draw the contact sheets and write the gallery page."""
     from sdray.batch import run_generate
-    from sdray.contact_sheets import write_contact_sheets
-    from sdray.gallery import write_gallery
     from sdray.storage import filesystem, join
+    from sdray.sweep.contact_sheets import write_contact_sheets
+    from sdray.sweep.gallery import write_gallery
 
     say = _say if progress else (lambda message: None)
     storage = config.storage.storage_options

@@ -335,7 +335,7 @@ def test_example_specs_are_valid_and_small(name, rows):
 def test_draw_sheet_places_images_and_labels():
     from PIL import Image
 
-    from sdray.contact_sheets import draw_sheet
+    from sdray.sweep.contact_sheets import draw_sheet
 
     tiles = {
         (r, c): Image.new("RGB", (64, 48), (40 * r + 20, 60 * c + 10, 200))
@@ -359,7 +359,7 @@ def test_draw_sheet_places_images_and_labels():
 
 
 def test_gallery_page_escapes_and_embeds_metadata():
-    from sdray.gallery import render_gallery
+    from sdray.sweep.gallery import render_gallery
 
     record = {
         "name": "t<b>",
@@ -525,7 +525,7 @@ def test_web_files_on_object_stores_carry_their_type_and_are_retried():
 
 
 def test_sheet_names_are_distinct_for_long_and_non_ascii_values():
-    from sdray.contact_sheets import sheet_name
+    from sdray.sweep.contact_sheets import sheet_name
 
     long = "blurry, low quality, jpeg artifacts, watermark, "
     values = [long + "text", long + "signature", "草原の狐", "雪の中の狐", "", "a/b", "a_b"]
@@ -608,7 +608,7 @@ def run_sheet_stages(root: Path, record: dict, rate: float = 1.0, thumb_size: in
     """Both stages in this process, grouped as Ray would: (sheets' records, gallery rows)."""
     import pyarrow.compute as pc
 
-    from sdray.contact_sheets import GROUP_COLUMN, SheetPlan, draw_group, tile_shards
+    from sdray.sweep.contact_sheets import GROUP_COLUMN, SheetPlan, draw_group, tile_shards
 
     plan = SheetPlan.from_record(record)
     files = sorted(str(p) for p in (root / "metadata").rglob("*.parquet"))
@@ -634,7 +634,7 @@ GRID_AXES = {"guidance_scale": [1.0, 7.5], "steps": [2, 3], "seed": [0, 1]}
 def test_sheets_read_each_image_container_once(tmp_path, monkeypatch, fmt):
     from fsspec.implementations.local import LocalFileSystem
 
-    from sdray.contact_sheets import sample_rank
+    from sdray.sweep.contact_sheets import sample_rank
     from sdray.sweep.paths import thumbnail_path
 
     rows = sweep_rows(GRID_AXES)
@@ -692,7 +692,7 @@ def test_sheets_read_each_image_container_once(tmp_path, monkeypatch, fmt):
 
 
 def test_images_past_the_sheet_side_are_never_loaded(tmp_path, monkeypatch):
-    from sdray import contact_sheets
+    from sdray.sweep import contact_sheets
 
     axes = {"seed": list(range(40)), "steps": [2]}
     rows = sweep_rows(axes, prompts=("a fox",))
@@ -780,7 +780,7 @@ def test_random_sheets_group_by_prompt_and_caption_cells(tmp_path):
 
 
 def test_gallery_sample_is_spread_and_holds_the_cap():
-    from sdray.contact_sheets import sample_rank, sample_rate
+    from sdray.sweep.contact_sheets import sample_rank, sample_rate
 
     assert sample_rate(16, 16) == 1.0
     ids = [
@@ -798,7 +798,7 @@ def test_gallery_sample_is_spread_and_holds_the_cap():
 
 
 def test_gallery_page_lists_at_most_the_sheets_it_is_given():
-    from sdray.gallery import render_gallery
+    from sdray.sweep.gallery import render_gallery
 
     record = {
         "name": "t",
@@ -817,7 +817,7 @@ def test_gallery_page_lists_at_most_the_sheets_it_is_given():
 
 
 def test_tiles_check_the_size_before_decoding():
-    from sdray.contact_sheets import tile_and_thumbnail
+    from sdray.sweep.contact_sheets import tile_and_thumbnail
 
     small = png(3, 24)
     header_only = small[:60]  # a valid header, no pixels: decoding it would fail

@@ -14,7 +14,7 @@ import json
 import urllib.parse
 from typing import TYPE_CHECKING, Any
 
-from sdray.contact_sheets import SheetPlan
+from sdray.sweep.contact_sheets import SheetPlan
 from sdray.sweep.paths import (
     GALLERY_PAGE,
     SHEETS_INDEX,
@@ -25,7 +25,7 @@ from sdray.sweep.paths import (
 )
 
 if TYPE_CHECKING:
-    from sdray.contact_sheets import SweepViews
+    from sdray.sweep.contact_sheets import SweepViews
 
 
 def _sort_key(plan: SheetPlan, names: list[str]):
