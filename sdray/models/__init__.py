@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import uuid
 from dataclasses import dataclass
@@ -18,6 +19,8 @@ from sdray.errors import ModelError
 COMPONENTS_WITH_WEIGHTS = ("text_encoder", "unet", "vae")
 REQUIRED_COMPONENTS = ("tokenizer", "text_encoder", "unet", "vae", "scheduler")
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
+# Weights of other frameworks, which loading (PyTorch) never reads.
+OTHER_FRAMEWORK_SUFFIXES = (".msgpack", ".h5", ".onnx", ".onnx_data", ".ot")
 _HASH_FILE = ".sdray-model.json"
 
 
@@ -61,14 +64,110 @@ def _is_remote(source: str) -> bool:
     return "://" in source and not source.startswith("file://")
 
 
-def _download(source: str, storage_options: dict[str, Any] | None):
+def _weight_kind(name: str) -> tuple[str, bool] | None:
+    """("safetensors" | "pickle", is a variant) for a weight or shard-index file, else None.
+
+    A variant carries a dotted tag before its suffix: `diffusion_pytorch_model.fp16.safetensors`,
+    `model.safetensors.index.fp16.json`, `diffusion_pytorch_model.fp16-00001-of-00002.safetensors`.
+    """
+    index = re.fullmatch(r"(.+)\.(safetensors|bin)\.index(\.[^.]+)?\.json", name)
+    if index:
+        return ("safetensors" if index[2] == "safetensors" else "pickle", bool(index[3]))
+    for suffix, kind in (
+        (".safetensors", "safetensors"),
+        *((s, "pickle") for s in PICKLE_SUFFIXES),
+    ):
+        if name.endswith(suffix):
+            stem = re.sub(r"-\d+-of-\d+$", "", name[: -len(suffix)])
+            return kind, "." in stem
+    return None
+
+
+def _loadable_weights(paths: list[str], allow_pickle: bool) -> list[str]:
+    """A weight folder's files minus the weights loading never reads.
+
+    Pickle files go when safetensors exist or pickle is not allowed; other variants (fp16, ...)
+    go when the plain weights exist; other frameworks' weights (Flax, TF, ONNX) always go.
+    """
+    kinds = {p: _weight_kind(p.rsplit("/", 1)[-1]) for p in paths}
+    formats = {k[0] for k in kinds.values() if k}
+    keep = "safetensors" if "safetensors" in formats else "pickle" if allow_pickle else None
+    plain = any(k == (keep, False) for k in kinds.values())
+    return [
+        p
+        for p, kind in kinds.items()
+        if (kind is None and not p.endswith(OTHER_FRAMEWORK_SUFFIXES))
+        or (kind is not None and kind[0] == keep and not (plain and kind[1]))
+    ]
+
+
+def select_model_files(paths: list[str], *, allow_pickle: bool) -> list[str]:
+    """Of a model's files (relative paths), the ones loading reads: `model_index.json` and the
+    required component folders, with only the weights that will load (see `_loadable_weights`)."""
+    chosen = [p for p in paths if p == "model_index.json"]
+    for component in REQUIRED_COMPONENTS:
+        files = [p for p in paths if p.startswith(component + "/")]
+        if component in COMPONENTS_WITH_WEIGHTS:
+            files = _loadable_weights(files, allow_pickle)
+        chosen.extend(files)
+    return sorted(chosen)
+
+
+def _remote_listing(source: str, storage_options: dict[str, Any] | None):
+    """(fs, base path, {relative path: info}) of a remote model, refusing non-diffusers ones."""
     from sdray.storage import filesystem
 
+    fs, path = filesystem(source, storage_options)
+    base = path.rstrip("/") + "/"
+    fs.invalidate_cache(path.rstrip("/"))  # a long-lived process must see a changed model
+    listing = {
+        key[len(base) :]: info
+        for key, info in fs.find(base, detail=True).items()
+        if key.startswith(base)
+    }
+    if not listing:
+        raise ModelError(f"model.source {source!r} does not exist or is empty")
+    missing = [c for c in REQUIRED_COMPONENTS if not any(k.startswith(c + "/") for k in listing)]
+    if missing:
+        raise ModelError(
+            f"model {source!r} is not a diffusers directory: missing "
+            + ", ".join(m + "/" for m in missing)
+        )
+    return fs, base, listing
+
+
+def _listing_hash(listing: dict[str, dict[str, Any]]) -> str:
+    entries = sorted(
+        (
+            key,
+            info.get("size"),
+            str(info.get("ETag") or info.get("etag") or info.get("mtime") or ""),
+        )
+        for key, info in listing.items()
+    )
+    return hashlib.sha256(json.dumps(entries).encode()).hexdigest()
+
+
+def _download(source: str, fs, base: str, files: dict[str, dict[str, Any]]):
+    """Fill a directory with `files` of a remote model, one by one, each with retries."""
+    from sdray.storage import with_retries
+
+    for relative in files:
+        if any(part in ("", ".", "..") for part in relative.split("/")):
+            raise ModelError(f"model {source!r}: refusing the file name {relative!r}")
+
     def fill(tmp: Path) -> None:
-        fs, path = filesystem(source, storage_options)
-        if not fs.exists(path):
-            raise ModelError(f"model.source {source!r} does not exist")
-        fs.get(path.rstrip("/") + "/", str(tmp), recursive=True)
+        for relative, info in files.items():
+            local = tmp / relative
+            local.parent.mkdir(parents=True, exist_ok=True)
+            with_retries(
+                lambda r=relative, local=local: fs.get_file(base + r, str(local)),
+                f"downloading {base + relative}",
+            )
+            if info.get("size") is not None and local.stat().st_size != info["size"]:
+                raise ModelError(
+                    f"model {source!r} changed while it was being copied ({relative}); try again"
+                )
 
     return fill
 
@@ -80,7 +179,11 @@ def resolve_model(
     allow_pickle: bool = False,
     storage_options: dict[str, Any] | None = None,
 ) -> ModelFiles:
-    """Turn `model.source` into a checked local diffusers directory (building or copying it)."""
+    """Turn `model.source` into a checked local diffusers directory (building or copying it).
+
+    A remote model is copied once per node into a cache directory named by its listing hash
+    (`remote_model_hash`): a changed model is a new directory, never the old copy.
+    """
     root = cache_root(cache_dir)
     if source == "tiny":
         from sdray.models.tiny import TINY_VERSION, build_tiny_model
@@ -88,8 +191,15 @@ def resolve_model(
         directory = _materialize_once(root / "models" / TINY_VERSION, build_tiny_model)
         name = "tiny"
     elif _is_remote(source):
-        key = hashlib.sha256(source.rstrip("/").encode()).hexdigest()[:16]
-        directory = _materialize_once(root / "remote" / key, _download(source, storage_options))
+        fs, base, listing = _remote_listing(source, storage_options)
+        for component in COMPONENTS_WITH_WEIGHTS:
+            names = [k.rsplit("/", 1)[-1] for k in listing if k.startswith(component + "/")]
+            _check_weights(names, component, source, allow_pickle=allow_pickle)
+        files = select_model_files(list(listing), allow_pickle=allow_pickle)
+        directory = _materialize_once(
+            root / "remote" / _listing_hash(listing)[:32],
+            _download(source, fs, base, {f: listing[f] for f in files}),
+        )
         name = source.rstrip("/")
     else:
         directory = Path(source.removeprefix("file://")).expanduser()
@@ -108,19 +218,24 @@ def check_model_directory(directory: Path, source: str, *, allow_pickle: bool) -
             f"model {source!r} is not a diffusers directory: missing {', '.join(m + '/' for m in missing)}"
         )
     for component in COMPONENTS_WITH_WEIGHTS:
-        files = [p.name for p in (directory / component).iterdir()]
-        if any(f.endswith(".safetensors") for f in files):
-            continue
-        if any(f.endswith(PICKLE_SUFFIXES) for f in files):
-            if not allow_pickle:
-                raise ModelError(
-                    f"model {source!r}: {component}/ has only pickle weight files "
-                    f"({', '.join(sorted(f for f in files if f.endswith(PICKLE_SUFFIXES)))}); "
-                    "pickle files can run arbitrary code when loaded. Convert them to "
-                    "safetensors, or set model.allow_pickle=true if you trust them."
-                )
-            continue
-        raise ModelError(f"model {source!r}: {component}/ holds no weight files")
+        names = [p.name for p in (directory / component).iterdir()]
+        _check_weights(names, component, source, allow_pickle=allow_pickle)
+
+
+def _check_weights(names: list[str], component: str, source: str, *, allow_pickle: bool) -> None:
+    """Refuse a weight folder (its file names) with no weights, or only pickle ones unless allowed."""
+    if any(f.endswith(".safetensors") for f in names):
+        return
+    if any(f.endswith(PICKLE_SUFFIXES) for f in names):
+        if not allow_pickle:
+            raise ModelError(
+                f"model {source!r}: {component}/ has only pickle weight files "
+                f"({', '.join(sorted(f for f in names if f.endswith(PICKLE_SUFFIXES)))}); "
+                "pickle files can run arbitrary code when loaded. Convert them to "
+                "safetensors, or set model.allow_pickle=true if you trust them."
+            )
+        return
+    raise ModelError(f"model {source!r}: {component}/ holds no weight files")
 
 
 def model_hash(directory: Path) -> str:
@@ -152,32 +267,7 @@ def model_hash(directory: Path) -> str:
 
 def remote_model_hash(source: str, storage_options: dict[str, Any] | None = None) -> str:
     """sha256 over a remote model's listing (paths, sizes, ETags): its identity, no download."""
-    from sdray.storage import filesystem
-
-    fs, path = filesystem(source, storage_options)
-    base = path.rstrip("/") + "/"
-    listing = fs.find(base, detail=True)
-    if not listing:
-        raise ModelError(f"model.source {source!r} does not exist or is empty")
-    missing = [
-        c
-        for c in REQUIRED_COMPONENTS
-        if not any(k[len(base) :].startswith(c + "/") for k in listing)
-    ]
-    if missing:
-        raise ModelError(
-            f"model {source!r} is not a diffusers directory: missing "
-            + ", ".join(m + "/" for m in missing)
-        )
-    entries = sorted(
-        (
-            key[len(base) :],
-            info.get("size"),
-            str(info.get("ETag") or info.get("etag") or info.get("mtime") or ""),
-        )
-        for key, info in listing.items()
-    )
-    return hashlib.sha256(json.dumps(entries).encode()).hexdigest()
+    return _listing_hash(_remote_listing(source, storage_options)[2])
 
 
 def model_identity(

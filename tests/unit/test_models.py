@@ -1,11 +1,13 @@
-"""Model sources: the tiny model is deterministic; local directories; pickle refusal."""
+"""Model sources: the tiny model is deterministic; local directories; pickle refusal; remote\ncopies keyed by content, holding only what loading reads."""
 
+import json
 import shutil
+import uuid
 
 import pytest
 
 from sdray.errors import ModelError
-from sdray.models import model_hash, resolve_model
+from sdray.models import model_hash, remote_model_hash, resolve_model, select_model_files
 from sdray.models.tiny import build_tiny_model
 
 
@@ -63,3 +65,128 @@ def test_pickle_only_weights_are_refused_unless_allowed(tmp_path, model_cache):
         ModelConfig(source=str(copy), device="cpu", allow_pickle=True)
     )
     assert engine.unet is not None
+
+
+def test_only_the_files_loading_reads_are_selected():
+    listing = [
+        "model_index.json",
+        "README.md",
+        "safety_checker/model.safetensors",
+        "feature_extractor/preprocessor_config.json",
+        "scheduler/scheduler_config.json",
+        "tokenizer/vocab.json",
+        "tokenizer/merges.txt",
+        "text_encoder/config.json",
+        "text_encoder/model.safetensors",
+        "text_encoder/model.fp16.safetensors",
+        "text_encoder/pytorch_model.bin",
+        "text_encoder/flax_model.msgpack",
+        "text_encoder/tf_model.h5",
+        "unet/config.json",
+        "unet/diffusion_pytorch_model.safetensors.index.json",
+        "unet/diffusion_pytorch_model-00001-of-00002.safetensors",
+        "unet/diffusion_pytorch_model-00002-of-00002.safetensors",
+        "unet/diffusion_pytorch_model.safetensors.index.fp16.json",
+        "unet/diffusion_pytorch_model.fp16-00001-of-00001.safetensors",
+        "unet/diffusion_pytorch_model.non_ema.safetensors",
+        "vae/config.json",
+        "vae/diffusion_pytorch_model.fp16.safetensors",
+        "vae/diffusion_pytorch_model.bin",
+    ]
+    expected = [
+        "model_index.json",
+        "scheduler/scheduler_config.json",
+        "text_encoder/config.json",
+        "text_encoder/model.safetensors",
+        "tokenizer/merges.txt",
+        "tokenizer/vocab.json",
+        "unet/config.json",
+        "unet/diffusion_pytorch_model-00001-of-00002.safetensors",
+        "unet/diffusion_pytorch_model-00002-of-00002.safetensors",
+        "unet/diffusion_pytorch_model.safetensors.index.json",
+        # No plain safetensors here: the variant is all there is to load.
+        "vae/config.json",
+        "vae/diffusion_pytorch_model.fp16.safetensors",
+    ]
+    assert select_model_files(listing, allow_pickle=False) == expected
+    assert select_model_files(listing, allow_pickle=True) == expected
+    pickled = ["vae/config.json", "vae/diffusion_pytorch_model.bin", "vae/x.fp16.bin"]
+    assert select_model_files(pickled, allow_pickle=False) == ["vae/config.json"]
+    assert select_model_files(pickled, allow_pickle=True) == pickled[:2]
+
+
+@pytest.fixture
+def bucket(model_cache):
+    """The tiny model, with files loading never reads, in an fsspec memory:// "bucket"."""
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    root = f"/sdray-test-{uuid.uuid4().hex}/models/tiny"
+    tiny = resolve_model("tiny").directory
+    for path in tiny.rglob("*"):
+        if path.is_file() and not path.name.startswith(".sdray"):
+            fs.pipe_file(f"{root}/{path.relative_to(tiny)}", path.read_bytes())
+    extras = {
+        "unet/diffusion_pytorch_model.fp16.safetensors": b"variant",
+        "unet/diffusion_pytorch_model.bin": b"pickle",
+        "text_encoder/flax_model.msgpack": b"flax",
+        "safety_checker/model.safetensors": b"unused component",
+        "README.md": b"readme",
+    }
+    for relative, data in extras.items():
+        fs.pipe_file(f"{root}/{relative}", data)
+    try:
+        yield {"fs": fs, "root": root, "uri": f"memory://{root}/", "tiny": tiny}
+    finally:
+        fs.rm(root.rsplit("/models/", 1)[0], recursive=True)
+
+
+def _files(directory):
+    return sorted(
+        str(p.relative_to(directory))
+        for p in directory.rglob("*")
+        if p.is_file() and not p.name.startswith(".sdray")
+    )
+
+
+def test_remote_model_copies_only_what_loads(bucket, tmp_path, monkeypatch):
+    fs = bucket["fs"]
+    fetched = []
+    get_file = fs.get_file
+    monkeypatch.setattr(
+        fs,
+        "get_file",
+        lambda rpath, lpath, **kw: fetched.append(rpath) or get_file(rpath, lpath, **kw),
+    )
+    files = resolve_model(bucket["uri"], cache_dir=str(tmp_path))
+    assert files.name == bucket["uri"].rstrip("/")
+    assert files.directory.parent == tmp_path / "remote"
+    assert files.directory.name == remote_model_hash(bucket["uri"])[:32]
+    assert _files(files.directory) == _files(bucket["tiny"])
+    assert model_hash(files.directory) == model_hash(bucket["tiny"])
+    assert len(fetched) == len(_files(bucket["tiny"]))  # file by file, nothing else
+    assert resolve_model(bucket["uri"], cache_dir=str(tmp_path)).directory == files.directory
+    assert len(fetched) == len(_files(bucket["tiny"]))  # cached: no second copy
+    assert not [p for p in (tmp_path / "remote").iterdir() if p.name.endswith(".partial")]
+
+
+def test_changed_remote_model_is_fetched_anew(bucket, tmp_path):
+    first = resolve_model(bucket["uri"], cache_dir=str(tmp_path)).directory
+    config = f"{bucket['root']}/scheduler/scheduler_config.json"
+    changed = json.loads(bucket["fs"].cat_file(config))
+    changed["steps_offset"] = 7
+    bucket["fs"].pipe_file(config, json.dumps(changed, indent=4).encode())
+    second = resolve_model(bucket["uri"], cache_dir=str(tmp_path)).directory
+    assert second != first and second.name == remote_model_hash(bucket["uri"])[:32]
+    assert json.loads((second / "scheduler" / "scheduler_config.json").read_text()) == changed
+    assert json.loads((first / "scheduler" / "scheduler_config.json").read_text()) != changed
+
+
+def test_remote_pickle_only_weights_are_refused_before_copying(bucket, tmp_path):
+    bucket["fs"].rm(f"{bucket['root']}/unet/diffusion_pytorch_model.safetensors")
+    bucket["fs"].rm(f"{bucket['root']}/unet/diffusion_pytorch_model.fp16.safetensors")
+    with pytest.raises(ModelError, match="only pickle weight files"):
+        resolve_model(bucket["uri"], cache_dir=str(tmp_path))
+    assert not (tmp_path / "remote").exists()
+    files = resolve_model(bucket["uri"], cache_dir=str(tmp_path), allow_pickle=True)
+    assert (files.directory / "unet" / "diffusion_pytorch_model.bin").read_bytes() == b"pickle"
