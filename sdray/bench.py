@@ -120,12 +120,13 @@ def _actor_startup_seconds(config: SdrayConfig, model_name: str) -> float:
     """Time for one model actor to start: process, imports and model load."""
     import ray
 
+    from sdray.batch.job import actor_resources
     from sdray.batch.stages import GenerateStage
 
     started = time.perf_counter()
     actor = (
         ray.remote(GenerateStage)
-        .options(num_cpus=config.batch.num_cpus_per_actor)
+        .options(**actor_resources(config))
         .remote(config.model, model_name, config.batch.batch_size, 1)
     )
     ray.get(actor.__ray_ready__.remote(), timeout=600)
@@ -134,18 +135,21 @@ def _actor_startup_seconds(config: SdrayConfig, model_name: str) -> float:
     return elapsed
 
 
-def _ray_pipeline(config: SdrayConfig, requests, cores: int):
+def _ray_pipeline(config: SdrayConfig, requests, cores: int, engine_device: str):
     """(c) The whole offline job through Ray Data; returns its summary and workers' peak RSS."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     from sdray.batch.job import run_generate
 
-    actors = max(1, cores)
     job_config = config.model_copy(deep=True)
+    if engine_device == "cuda":
+        actors = 1  # one GPU, as the in-process loops had
+    else:
+        actors = max(1, cores)  # one thread each: the same cores as the in-process loops
+        job_config.batch.torch_threads = max(1, cores // actors)
+        job_config.batch.num_cpus_per_actor = min(job_config.batch.num_cpus_per_actor, 1.0)
     job_config.batch.min_actors = job_config.batch.max_actors = actors
-    job_config.batch.torch_threads = max(1, cores // actors)
-    job_config.batch.num_cpus_per_actor = min(job_config.batch.num_cpus_per_actor, 1.0)
     job_config.output.rows_per_shard = job_config.batch.batch_size
     with tempfile.TemporaryDirectory() as tmp:
         table = pa.Table.from_pylist(
@@ -227,7 +231,7 @@ def run_bench(config: SdrayConfig, *, rows: int = 256, include_ray: bool = True)
 
         ensure_ray()
         startup = _actor_startup_seconds(config, engine.model_name)
-        summary, worker_mb = _ray_pipeline(config, requests, cores)
+        summary, worker_mb = _ray_pipeline(config, requests, cores, engine.device)
         # Steady state: the generate phase less one actor start-up (actors start in parallel).
         busy = summary.manifest["timings"]["generate_s"] - startup
         steady = summary.ok / busy if busy > 0 else None

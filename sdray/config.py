@@ -82,7 +82,17 @@ class BatchConfig(_Section):
         True, description="Order rows by size/steps/scheduler/guidance so batches stay homogeneous."
     )
     max_error_fraction: float = Field(
-        1.0, ge=0, le=1, description="Abort when more than this fraction of rows fail."
+        0.5,
+        ge=0,
+        le=1,
+        description="Abort a run in which more than this fraction of rows fail (invalid rows "
+        "at planning; engine failures per model actor once it has tried 32 rows); 1 never aborts.",
+    )
+    max_actor_restarts: int = Field(
+        3,
+        ge=0,
+        description="Times a model actor that died (crash, device fault, node loss) is restarted "
+        "and its batch retried before the run fails.",
     )
 
     @model_validator(mode="after")

@@ -6,6 +6,7 @@ batch actors and Serve replicas each hold one engine.
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,6 +28,40 @@ class GenerationResult:
     image: np.ndarray | None
     truncated: bool = False
     error: str | None = None
+
+
+# Messages of errors after which the device cannot be trusted (a CUDA context does not recover
+# from an illegal memory access or a device-side assert): the process holding it must go.
+_DEVICE_FAULT_MARKERS = (
+    "CUDA error",
+    "CUBLAS_STATUS",
+    "CUDNN_STATUS",
+    "cuDNN error",
+    "device-side assert",
+)
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether `error` is torch's device out-of-memory error (without importing torch)."""
+    oom = getattr(sys.modules.get("torch"), "OutOfMemoryError", None)
+    return oom is not None and isinstance(error, oom)
+
+
+def is_device_fault(error: BaseException) -> bool:
+    """Whether `error` leaves the device unusable (an accelerator fault, not a bad request)."""
+    if is_out_of_memory(error):
+        return False
+    accelerator_error = getattr(sys.modules.get("torch"), "AcceleratorError", None)
+    if accelerator_error is not None and isinstance(error, accelerator_error):
+        return True
+    return any(marker in str(error) for marker in _DEVICE_FAULT_MARKERS)
+
+
+def free_device_memory() -> None:
+    """Return cached device memory after an out-of-memory error, so smaller calls can fit."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def resolve_device(device: str, dtype: str) -> tuple[str, str]:

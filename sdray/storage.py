@@ -64,11 +64,16 @@ def join(base: str, *parts: str) -> str:
     return out
 
 
-def write_bytes_atomic(fs, path: str, data: bytes) -> None:
+# The keyword each object store's fsspec implementation takes for an object's Content-Type.
+_CONTENT_TYPE_KEYWORDS = {"s3": "ContentType", "s3a": "ContentType", "gs": "content_type"}
+
+
+def write_bytes_atomic(fs, path: str, data: bytes, content_type: str | None = None) -> None:
     """Write so that no reader sees a half-written file.
 
-    Local disk: write a temporary file beside it, then rename. Object stores: an upload becomes
-    visible only once complete, so a plain write is already atomic.
+    Local disk: write a temporary file beside it, then rename. Object stores: one whole-object
+    put (`pipe_file`), visible only once complete, retried on transient errors; `content_type`
+    sets the object's Content-Type where the store supports it (for pages a browser opens).
     """
     if is_local(fs):
         directory = os.path.dirname(path)
@@ -80,12 +85,10 @@ def write_bytes_atomic(fs, path: str, data: bytes) -> None:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     else:
-
-        def upload() -> None:
-            with fs.open(path, "wb") as handle:
-                handle.write(data)
-
-        with_retries(upload, f"writing {path}")
+        protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+        keyword = _CONTENT_TYPE_KEYWORDS.get(protocol)
+        extra = {keyword: content_type} if keyword and content_type else {}
+        with_retries(lambda: fs.pipe_file(path, data, **extra), f"writing {path}")
 
 
 def is_nonempty(fs, path: str) -> bool:

@@ -7,17 +7,19 @@ import json
 import logging
 import math
 import platform
+import re
 import sys
 import time
 import uuid
+import warnings
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import metadata as importlib_metadata
 from typing import Any
 
 from sdray.batch.read import read_prompts
-from sdray.batch.sink import IMAGES_DIR, METADATA_DIR, ImageDatasink
-from sdray.batch.stages import EncodeStage, GenerateStage, PrepareStage
+from sdray.batch.sink import IMAGES_DIR, METADATA_DIR, ImageDatasink, remove_uncommitted
+from sdray.batch.stages import EncodeStage, ErrorBudgetExceeded, GenerateStage, PrepareStage
 from sdray.config import SdrayConfig
 from sdray.errors import InputError, SdrayError
 from sdray.models import model_identity
@@ -83,9 +85,12 @@ def package_versions() -> dict[str, str]:
 
 
 def fingerprint_parts(config: SdrayConfig, model: dict[str, str]) -> dict[str, Any]:
-    """What must not change between a run and its resume: generation settings, model, format."""
+    """What must not change between a run and its resume: model and its precision, generation
+    settings, output format. (Batching, actors and shard size may change; the input is checked
+    by content, see `plan_job`, so an output and its input can move.)"""
     return {
         "model": model["sha256"],
+        "dtype": config.model.dtype,
         "generation": config.generation.model_dump(mode="json"),
         "output": config.output.model_dump(mode="json", exclude={"rows_per_shard"}),
     }
@@ -130,11 +135,12 @@ def prepare_output(
 ) -> dict[str, Any] | None:
     """Refuse a non-empty output unless told what to do; return the manifest to resume from.
 
-    `extra_owned` names more top-level entries a caller (a sweep) writes there: they are removed
-    on overwrite, and do not count as "non-empty" on their own.
+    Deletes nothing: with `overwrite`, call `clear_output` once the job has been planned, so a
+    mistyped input or config never costs the previous output. `extra_owned` names more
+    top-level entries a caller (a sweep) writes there: they do not count as "non-empty" on
+    their own.
     """
     fs, root = filesystem(output_uri, storage_options)
-    owned = (*OWNED_PATHS, *extra_owned)
     if not is_nonempty(fs, root):
         return None
     if resume:
@@ -151,12 +157,20 @@ def prepare_output(
             f"output {output_uri!r} is not empty. Pass --overwrite to replace what sdray wrote "
             "there, or --resume to continue an interrupted run."
         )
-    if overwrite:
-        for name in owned:
-            path = join(root, name)
-            if fs.exists(path):
-                fs.rm(path, recursive=True)
     return None
+
+
+def clear_output(
+    output_uri: str,
+    extra_owned: tuple[str, ...] = (),
+    storage_options: dict[str, Any] | None = None,
+) -> None:
+    """Remove what sdray (and a caller such as a sweep) wrote in an output: --overwrite."""
+    fs, root = filesystem(output_uri, storage_options)
+    for name in (*OWNED_PATHS, *extra_owned):
+        path = join(root, name)
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
 
 
 def _check_resumable(previous: dict[str, Any], parts: dict[str, Any], output_uri: str) -> None:
@@ -185,28 +199,78 @@ def _read_metadata(output_uri: str, columns: list[str], storage: dict[str, Any])
     )
 
 
+# A line of a (remote) traceback that names an exception: `package.module.Type: message`.
+_EXCEPTION_LINE = re.compile(r"^(?P<type>[A-Za-z_][\w.]*): (?P<message>.+)$", re.MULTILINE)
+
+
+def _remote_cause(text: str) -> BaseException | None:
+    """The original exception of a task, rebuilt from the traceback text Ray carries.
+
+    Ray Data re-raises a UDF's exception as UserCodeException and the original object does
+    not cross the process boundary; its traceback text does, root cause first. sdray's own
+    errors come back as themselves; anything else as a one-line SdrayError.
+    """
+    import importlib
+
+    match = _EXCEPTION_LINE.search(text)
+    if match is None:
+        return None
+    name, message = match["type"], match["message"].strip()
+    if name.startswith("sdray."):
+        module, _, cls = name.rpartition(".")
+        try:
+            kind = getattr(importlib.import_module(module), cls)
+        except (ImportError, AttributeError):
+            kind = None
+        if isinstance(kind, type) and issubclass(kind, SdrayError):
+            return kind(message)
+    return SdrayError(f"the job failed: {name.rpartition('.')[2]}: {message}")
+
+
 def _unwrap(error: BaseException) -> BaseException:
-    """Find an sdray error inside the exceptions Ray wraps around task failures."""
+    """The error to show for a failed job: sdray's own error from inside Ray's wrappers, or a
+    one-line SdrayError naming the original cause (Ray's text is a remote traceback)."""
+    from ray.exceptions import ActorDiedError, RayError
+
     seen = set()
     current: BaseException | None = error
     while current is not None and id(current) not in seen:
         seen.add(id(current))
-        if isinstance(current, SdrayError):
+        # Ray re-raises a task's exception as a subclass of both RayTaskError and its type.
+        if isinstance(current, SdrayError) and not isinstance(current, RayError):
             return current
+        if isinstance(current, ActorDiedError):
+            return SdrayError(
+                "model actors kept dying (batch.max_actor_restarts exhausted): a crash in "
+                "native code, or the node ran out of memory; the Ray logs say which. "
+                "Committed shards are kept; continue with --resume."
+            )
         cause = getattr(current, "cause", None)
         current = cause if isinstance(cause, BaseException) else current.__cause__
+    if isinstance(error, RayError):
+        return _remote_cause(str(error)) or SdrayError(f"the job failed: {error}")
     return error
 
 
-def _actor_resources(config: SdrayConfig) -> dict[str, float]:
+def actor_resources(config: SdrayConfig) -> dict[str, float]:
+    """Ray options of a model actor: a GPU each on cuda, fractional CPUs on CPU, and bounded
+    restarts (Ray Data's default restarts a crashing actor forever)."""
     import ray
 
+    gpus = ray.cluster_resources().get("GPU", 0)
     device = config.model.device
     if device == "auto":
-        device = "cuda" if ray.cluster_resources().get("GPU", 0) > 0 else "cpu"
+        device = "cuda" if gpus > 0 else "cpu"
+    retries = config.batch.max_actor_restarts
+    bounded = {"max_restarts": retries, "max_task_retries": retries}
     if device == "cuda":
-        return {"num_gpus": config.batch.num_gpus_per_actor, "num_cpus": 1}
-    return {"num_cpus": config.batch.num_cpus_per_actor}
+        if gpus == 0:
+            _say(
+                "model.device=cuda but the Ray cluster has no GPUs now: the model actors wait "
+                "for GPU nodes to join (an autoscaling cluster adds them)"
+            )
+        return {"num_gpus": config.batch.num_gpus_per_actor, "num_cpus": 1, **bounded}
+    return {"num_cpus": config.batch.num_cpus_per_actor, **bounded}
 
 
 def _say(message: str) -> None:
@@ -250,6 +314,92 @@ def _invalid_examples(prepared, limit: int = 5) -> list[str]:
 def _status_counts(prepared) -> dict[str, int]:
     grouped = prepared.groupby("status", num_partitions=1).count()
     return {row["status"]: row["count()"] for row in grouped.take_all()}
+
+
+@dataclass
+class JobPlan:
+    """A validated job: the prepared rows in the object store, and what is left to generate."""
+
+    prepared: Any  # ray.data.Dataset, every input row validated (status ok or error)
+    todo: Any  # the rows not committed yet, ordered for homogeneous batches
+    total: int
+    todo_rows: int
+    invalid: int
+
+
+def plan_job(
+    input_uri: str,
+    config: SdrayConfig,
+    *,
+    output_uri: str,
+    resuming: bool,
+    say=lambda message: None,
+) -> JobPlan:
+    """Read and validate every row (materialized in the object store, never in the driver),
+    refuse duplicate ids and mostly-invalid tables, and leave out rows already committed."""
+    storage = config.storage.storage_options
+    say(f"reading and validating {input_uri}")
+    try:
+        prepared = (
+            read_prompts(input_uri, storage)
+            .map_batches(PrepareStage(config.generation), batch_format="pyarrow", num_cpus=0.25)
+            .materialize()
+        )
+    except Exception as error:
+        raise _unwrap(error) from None
+    missing = [c for c in config.output.partition_by if c not in prepared.columns()]
+    if missing:
+        raise SdrayError(
+            f"output.partition_by names columns the table does not have: {', '.join(missing)}"
+        )
+    status = _status_counts(prepared)
+    total = sum(status.values())
+    if total == 0:
+        raise InputError(f"input {input_uri!r} holds no rows")
+    duplicates = _duplicate_ids(prepared, total)
+    if duplicates:
+        raise InputError(
+            "duplicate ids in the prompt table (each id must be unique): "
+            + ", ".join(map(repr, duplicates))
+        )
+    invalid = status.get("error", 0)
+    examples = _invalid_examples(prepared) if invalid else []
+    if invalid / total > config.batch.max_error_fraction:
+        raise InputError(
+            f"{invalid} of {total} rows are invalid, above batch.max_error_fraction="
+            f"{config.batch.max_error_fraction}; for example: " + "; ".join(examples)
+        )
+    if invalid:
+        # Reported whatever the progress setting: these rows will not be generated.
+        _say(
+            f"{invalid} invalid rows will be recorded with status=error, for example:\n  "
+            + "\n  ".join(examples)
+        )
+
+    todo, todo_rows = prepared, total
+    committed = _read_metadata(output_uri, ["id"], storage) if resuming else None
+    if committed is not None:
+        # Partition-wise anti-join: no process ever holds every committed id.
+        todo = prepared.join(
+            committed, "left_anti", _partitions_for(total), on=("id",)
+        ).materialize()
+        todo_rows = todo.count()
+        committed_rows = committed.count()
+        foreign = committed_rows - (total - todo_rows)
+        if foreign:
+            raise SdrayError(
+                f"cannot resume {output_uri!r}: {foreign} of its {committed_rows} committed rows "
+                f"have ids that are not in {input_uri!r}. Resume with the input the run started "
+                "from, or start over with --overwrite."
+            )
+    # Rows of one partition together keep shards whole; rows of one shape together keep
+    # denoising batches homogeneous.
+    order = [*config.output.partition_by]
+    if config.batch.sort_by_shape:
+        order.append(BATCH_KEY_COLUMN)
+    if order and todo_rows:
+        todo = todo.sort(order)
+    return JobPlan(prepared, todo, total, todo_rows, invalid)
 
 
 def run_generate(
@@ -296,60 +446,22 @@ def run_generate(
     ensure_ray()
     _configure_progress(progress)
     say = _say if progress else (lambda message: None)
-    say(f"reading and validating {input_uri}")
-
-    # Plan: read, validate and materialize the prepared table (in the object store, not here).
-    try:
-        prepared = (
-            read_prompts(input_uri, storage)
-            .map_batches(PrepareStage(config.generation), batch_format="pyarrow", num_cpus=0.25)
-            .materialize()
+    plan = plan_job(
+        input_uri, config, output_uri=output_uri, resuming=previous is not None, say=say
+    )
+    if overwrite:
+        clear_output(output_uri, extra_owned, storage)  # only now that the job can run
+    if previous is not None:
+        removed = remove_uncommitted(
+            fs, root, len(config.output.partition_by), images=config.output.format
         )
-    except Exception as error:
-        raise _unwrap(error) from None
-    missing_partitions = [c for c in config.output.partition_by if c not in prepared.columns()]
-    if missing_partitions:
-        raise SdrayError(
-            f"output.partition_by names columns the table does not have: {', '.join(missing_partitions)}"
-        )
-    status = _status_counts(prepared)
-    total = sum(status.values())
-    if total == 0:
-        raise InputError(f"input {input_uri!r} holds no rows")
-    duplicates = _duplicate_ids(prepared, total)
-    if duplicates:
-        raise InputError(
-            f"duplicate ids in the prompt table (each id must be unique): {', '.join(map(repr, duplicates))}"
-        )
-    invalid = status.get("error", 0)
-    examples = _invalid_examples(prepared) if invalid else []
-    if invalid / total > config.batch.max_error_fraction:
-        raise InputError(
-            f"{invalid} of {total} rows are invalid, above batch.max_error_fraction="
-            f"{config.batch.max_error_fraction}; for example: " + "; ".join(examples)
-        )
-    if invalid:
-        # Reported whatever the progress setting: these rows will not be generated.
-        _say(
-            f"{invalid} invalid rows will be recorded with status=error, for example:\n  "
-            + "\n  ".join(examples)
-        )
-
-    todo, todo_rows = prepared, total
-    committed = _read_metadata(output_uri, ["id"], storage) if previous is not None else None
-    if committed is not None:
-        # Partition-wise anti-join: no process ever holds every committed id.
-        todo = prepared.join(
-            committed, "left_anti", _partitions_for(total), on=("id",)
-        ).materialize()
-        todo_rows = todo.count()
-    if config.batch.sort_by_shape and todo_rows:
-        todo = todo.sort(BATCH_KEY_COLUMN)
+        if removed:
+            say(f"removed {removed} uncommitted shard files left by the interrupted run")
     plan_seconds = time.perf_counter() - started
-    done = f", {total - todo_rows} already committed" if previous else ""
+    done = f", {plan.total - plan.todo_rows} already committed" if previous else ""
     say(
-        f"{total} rows ({invalid} invalid){done}; "
-        f"generating {todo_rows} with up to {config.batch.max_actors} model actors"
+        f"{plan.total} rows ({plan.invalid} invalid){done}; "
+        f"generating {plan.todo_rows} with up to {config.batch.max_actors} model actors"
     )
     manifest: dict[str, Any] = {
         "sdray_version": package_versions()["sdray"],
@@ -369,7 +481,7 @@ def run_generate(
     # Generate: spread the rows so every actor has work, then model actors, then CPU encoding.
     batch = config.batch
     rows_per_block = max(
-        1, min(batch.batch_size * 8, math.ceil(todo_rows / (2 * batch.max_actors)))
+        1, min(batch.batch_size * 8, math.ceil(plan.todo_rows / (2 * batch.max_actors)))
     )
     sink = ImageDatasink(
         output_uri,
@@ -382,10 +494,14 @@ def run_generate(
     )
     generate_started = time.perf_counter()
     try:
-        if todo_rows:
-            (
-                todo.repartition(target_num_rows_per_block=rows_per_block)
-                .map_batches(
+        if plan.todo_rows:
+            with warnings.catch_warnings():
+                # Ray Data 2.60 takes actor restart limits only through its deprecated
+                # **ray_remote_args (there is no named parameter yet); revisit on upgrade.
+                warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+                pixels = plan.todo.repartition(
+                    target_num_rows_per_block=rows_per_block
+                ).map_batches(
                     generate_stage,
                     fn_constructor_kwargs={
                         "model": config.model,
@@ -398,21 +514,24 @@ def run_generate(
                     batch_size=batch.batch_size,
                     batch_format="pyarrow",
                     compute=ActorPoolStrategy(min_size=batch.min_actors, max_size=batch.max_actors),
-                    **_actor_resources(config),
+                    **actor_resources(config),
                 )
-                .map_batches(EncodeStage(config.output), batch_format="pyarrow", num_cpus=0.25)
+            (
+                pixels.map_batches(
+                    EncodeStage(config.output), batch_format="pyarrow", num_cpus=0.25
+                )
                 # Exact blocks of rows_per_shard rows (but the last): one block, one shard.
                 .repartition(target_num_rows_per_block=config.output.rows_per_shard, strict=True)
                 .write_datasink(sink, ray_remote_args={"num_cpus": 0.25})
             )
     except Exception as error:
-        if "sdray: aborting the run" in str(error):
-            message = str(error).split("sdray: aborting the run", 1)[1].split("\n", 1)[0]
+        failure = _unwrap(error)
+        if isinstance(failure, ErrorBudgetExceeded):
             raise SdrayError(
-                f"aborting the run{message}. Committed shards are kept; fix the cause and "
+                f"aborting the run: {failure}. Committed shards are kept; fix the cause and "
                 "continue with --resume."
             ) from None
-        raise _unwrap(error) from None
+        raise failure from None
     generate_seconds = time.perf_counter() - generate_started
 
     generated = sum(s["ok"] for s in sink.shards)
@@ -425,7 +544,7 @@ def run_generate(
     wall = time.perf_counter() - started
     rate = generated / generate_seconds if generate_seconds and generated else 0.0
     manifest.update(
-        status="complete",
+        status="complete" if ok + errors == plan.total else "incomplete",
         finished=datetime.now(timezone.utc).isoformat(),
         counts={"rows": ok + errors, "ok": ok, "error": errors, "generated_this_run": generated},
         shards=len(sink.shards),
@@ -437,14 +556,14 @@ def run_generate(
         throughput={"images_per_s": round(rate, 4)},
     )
     write_bytes_atomic(fs, join(root, MANIFEST), json.dumps(manifest, indent=2).encode())
-    if ok + errors != total:
+    if ok + errors != plan.total:
         raise SdrayError(
-            f"the output holds {ok + errors} metadata rows for {total} input rows; "
+            f"the output holds {ok + errors} metadata rows for {plan.total} input rows; "
             "run again with --resume to complete it"
         )
     return JobSummary(
         output_uri=output_uri,
-        rows=total,
+        rows=plan.total,
         ok=ok,
         error=errors,
         wall_seconds=wall,

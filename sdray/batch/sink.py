@@ -148,6 +148,36 @@ def _partition_dir(columns: list[str], values: tuple) -> str:
     return "".join(p + "/" for p in parts)
 
 
+def remove_uncommitted(fs, root: str, partition_depth: int, images: str) -> int:
+    """Delete what a killed run wrote for shards it never committed; return how many entries.
+
+    A shard is committed when its metadata file exists (written last). Image shards without
+    one (a `files` shard directory, a tar, a Parquet file) and temporary files of interrupted
+    local writes are removed, so only committed images remain and a resume cannot duplicate
+    them. Lists shard names only (one level per partition), never every image.
+    """
+    levels = "*/" * partition_depth
+    metadata_root = join(root, METADATA_DIR)
+    images_root = join(root, IMAGES_DIR)
+
+    def shards(base: str, pattern: str) -> list[str]:
+        return fs.glob(f"{base}/{levels}{pattern}") if fs.exists(base) else []
+
+    def name(path: str, base: str) -> str:
+        relative = path[len(base.rstrip("/")) + 1 :]
+        for suffix in (".parquet", ".tar"):
+            relative = relative.removesuffix(suffix)
+        return relative
+
+    committed = {name(p, metadata_root) for p in shards(metadata_root, "part-*.parquet")}
+    pattern = "part-*" if images == "files" else "part-*.*"
+    stale = [p for p in shards(images_root, pattern) if name(p, images_root) not in committed]
+    stale += shards(metadata_root, ".part-*.tmp") + shards(images_root, ".part-*.tmp")
+    for path in stale:
+        fs.rm(path, recursive=True)
+    return len(stale)
+
+
 class ImageDatasink(Datasink):
     """Writes images (through the configured writer) and metadata shards under OUTPUT."""
 

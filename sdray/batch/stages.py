@@ -14,6 +14,7 @@ from typing import Any
 import pyarrow as pa
 
 from sdray.config import GenerationConfig, ModelConfig, OutputConfig
+from sdray.errors import SdrayError
 from sdray.requests import PREPARED_SCHEMA, prepare_table, request_from_row
 
 log = logging.getLogger(__name__)
@@ -51,7 +52,7 @@ class PrepareStage:
 CRASH_ONCE_ENV = "SDRAY_TEST_CRASH_ONCE"
 
 
-class ErrorBudgetExceeded(RuntimeError):
+class ErrorBudgetExceeded(SdrayError):
     """Raised by a model actor when most rows fail, to stop a run burning GPU hours."""
 
 
@@ -115,24 +116,48 @@ class GenerateStage:
             self.failed / self.attempted > self.max_error_fraction
         ):
             raise ErrorBudgetExceeded(
-                f"sdray: aborting the run: {self.failed} of {self.attempted} rows failed in one "
-                f"model actor, above batch.max_error_fraction={self.max_error_fraction}"
+                f"{self.failed} of {self.attempted} rows failed in one model actor, above "
+                f"batch.max_error_fraction={self.max_error_fraction}"
             )
 
     def _generate(self, requests):
-        """Generate; if a whole batch raises, retry row by row so one bad row fails alone."""
-        from sdray.engine import GenerationResult
+        """Generate; if a whole batch raises, retry row by row so one bad row fails alone.
+
+        A device fault (a broken CUDA context) is no row's fault and poisons every later call:
+        the actor exits, so Ray starts a fresh one and retries the batch there, within
+        `batch.max_actor_restarts`. Out of device memory frees the cache before the retry.
+        """
+        from sdray.engine import (
+            GenerationResult,
+            free_device_memory,
+            is_device_fault,
+            is_out_of_memory,
+        )
 
         if not requests:
             return []
         try:
             return self.engine.generate(requests)
         except Exception as error:  # noqa: BLE001 - becomes row data, the job goes on
+            if is_device_fault(error):
+                log.error("device fault in a model actor, restarting it: %s", error)
+                _exit_actor()
+            if is_out_of_memory(error):
+                free_device_memory()
             if len(requests) == 1:
                 log.warning("row %s failed: %s", requests[0].id, error)
                 message = f"generation failed: {type(error).__name__}: {error}"
                 return [GenerationResult(requests[0], None, False, message)]
             return [result for request in requests for result in self._generate([request])]
+
+
+def _exit_actor() -> None:
+    """End this actor's process at once; Ray restarts it and retries its batch elsewhere."""
+    import os
+    import sys
+
+    sys.stderr.flush()
+    os._exit(1)
 
 
 def _maybe_crash_once() -> None:
@@ -147,7 +172,7 @@ def _maybe_crash_once() -> None:
         return
     os.close(fd)
     log.warning("%s: crashing this model actor once on purpose", CRASH_ONCE_ENV)
-    os._exit(1)
+    _exit_actor()
 
 
 class EncodeStage:

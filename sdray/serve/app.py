@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import sys
 import time
 import uuid
 from collections.abc import Sequence
@@ -16,6 +15,8 @@ from typing import Any
 from ray import serve
 
 from sdray.config import SdrayConfig
+from sdray.engine import free_device_memory, is_device_fault
+from sdray.engine import is_out_of_memory as engine_out_of_memory
 from sdray.requests import GenerationRequest
 from sdray.serve.api import OUT_OF_MEMORY, SERVER_ERROR, UNAVAILABLE, ImageOutcome, create_api
 
@@ -27,15 +28,6 @@ DEPLOYMENT_NAME = "ImageService"
 # Failures of one request are usually the request's; several in a row, and a failed probe, are
 # the engine's.
 FAILURES_BEFORE_PROBE = 3
-# Messages of errors after which the device cannot be trusted (a CUDA context does not recover
-# from an illegal memory access or a device-side assert): the replica must be replaced.
-_FATAL_MARKERS = (
-    "CUDA error",
-    "CUBLAS_STATUS",
-    "CUDNN_STATUS",
-    "cuDNN error",
-    "device-side assert",
-)
 
 
 @dataclass
@@ -51,27 +43,8 @@ class EngineOutOfMemory(RuntimeError):
 
 
 def is_out_of_memory(error: BaseException) -> bool:
-    """Whether `error` is torch's out-of-memory error (CUDA OOM), without importing torch."""
-    torch = sys.modules.get("torch")
-    oom = getattr(torch, "OutOfMemoryError", None)
-    return isinstance(error, EngineOutOfMemory) or (oom is not None and isinstance(error, oom))
-
-
-def is_fatal(error: BaseException) -> bool:
-    """Whether `error` leaves the device unusable (an accelerator fault, not a bad request)."""
-    if is_out_of_memory(error):
-        return False
-    accelerator_error = getattr(sys.modules.get("torch"), "AcceleratorError", None)
-    if accelerator_error is not None and isinstance(error, accelerator_error):
-        return True
-    message = str(error)
-    return any(marker in message for marker in _FATAL_MARKERS)
-
-
-def _free_device_memory() -> None:
-    torch = sys.modules.get("torch")
-    if torch is not None and torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    """Whether `error` is an out-of-memory error of the device (torch's, or our wrapper)."""
+    return isinstance(error, EngineOutOfMemory) or engine_out_of_memory(error)
 
 
 class ImageReplica:
@@ -232,13 +205,13 @@ class ImageReplica:
             if not is_out_of_memory(error):
                 raise
             message = f"{type(error).__name__}: {error}"
-        _free_device_memory()
+        free_device_memory()
         raise EngineOutOfMemory(message)
 
     async def _count_failure(self, error: Exception) -> None:
         if is_out_of_memory(error):
             return  # the device is fine; the batch was too big for it
-        if is_fatal(error):
+        if is_device_fault(error):
             self._fatal = f"{type(error).__name__}: {error}"
         else:
             self._failed_calls += 1

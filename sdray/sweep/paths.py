@@ -46,20 +46,10 @@ def thumbnail_path(row_id: str) -> str:
     return f"{THUMBS_DIR}/{key[:2]}/{key}.jpg"
 
 
-def _protocol(fs) -> str:
-    return fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-
-
 def write_web_file(fs, path: str, data: bytes) -> None:
-    """Write a file a browser will fetch: atomically on disk; on object stores with retries and
-    its Content-Type, so that a bucket website serves the page as a page, not as a download."""
-    from sdray.storage import is_local, with_retries, write_bytes_atomic
+    """Write a file a browser will fetch: atomically, with its Content-Type on object stores, so
+    that a bucket website serves the page as a page, not as a download."""
+    from sdray.storage import write_bytes_atomic
 
     content_type = next((t for s, t in CONTENT_TYPES.items() if path.endswith(s)), None)
-    protocol = _protocol(fs)
-    if is_local(fs) or content_type is None or protocol not in ("s3", "s3a", "gs", "gcs"):
-        write_bytes_atomic(fs, path, data)  # retries on object stores itself
-        return
-    # s3fs hands extra keywords to PutObject; gcsfs takes content_type.
-    key = "ContentType" if protocol in ("s3", "s3a") else "content_type"
-    with_retries(lambda: fs.pipe_file(path, data, **{key: content_type}), f"writing {path}")
+    write_bytes_atomic(fs, path, data, content_type)

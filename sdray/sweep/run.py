@@ -97,7 +97,7 @@ def _prepare_sweep_output(
     output_uri: str, *, overwrite: bool, resume: bool, storage: dict[str, Any]
 ) -> bool:
     """Refuse a non-empty output before writing anything; return whether the job resumes."""
-    from sdray.batch import prepare_output
+    from sdray.batch import clear_output, prepare_output
     from sdray.batch.job import MANIFEST
     from sdray.storage import filesystem, join
 
@@ -122,6 +122,8 @@ def _prepare_sweep_output(
         extra_owned=SWEEP_OWNED,
         storage_options=storage,
     )
+    if overwrite:  # the spec and its prompts are valid: the old output may go
+        clear_output(output_uri, SWEEP_OWNED, storage)
     return previous is not None
 
 

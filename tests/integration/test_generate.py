@@ -269,6 +269,17 @@ def test_config_errors_name_key_and_value(tmp_path, capsys):
     assert code == 2 and "batch.batch_size = 'zero'" in out.err
 
 
+def test_overwrite_keeps_the_old_output_when_the_job_cannot_run(generated, tmp_path, capsys):
+    output = generated["output"]
+    before = sorted(p.relative_to(output) for p in output.rglob("*"))
+    code, out = in_process(
+        ["generate", "--input", str(tmp_path / "typo.csv"), "--output", str(output), "--overwrite"],
+        capsys,
+    )
+    assert code == 2 and "does not exist" in out.err
+    assert sorted(p.relative_to(output) for p in output.rglob("*")) == before
+
+
 def test_missing_input_is_a_clear_error(tmp_path, capsys):
     code, out = in_process(
         ["generate", "--input", str(tmp_path / "nope.csv"), "--output", str(tmp_path / "o")], capsys

@@ -279,3 +279,43 @@ def test_credentials_from_config_storage_options(s3, s3fs_client, sdray_env, tmp
     options = manifest["config"]["storage"]["storage_options"]
     assert set(options) == {"key", "secret", "endpoint_url", "client_kwargs"}
     assert set(options.values()) == {"***"}
+
+
+def test_resume_on_s3_removes_what_was_never_committed(s3fs_client, s3_env):
+    """An interrupted run on a bucket: a shard whose metadata never landed is redone, and its
+    images (and any other uncommitted image shard) are gone after the resume."""
+    fs = s3fs_client
+    put_table(fs, f"{BUCKET}/prompts-resume/a.parquet", prompts_table(6))
+    args = [
+        "generate",
+        "--input",
+        f"s3://{BUCKET}/prompts-resume/",
+        "--output",
+        f"s3://{BUCKET}/out-resume",
+        *FAST,
+        "--set",
+        "output.rows_per_shard=2",
+    ]
+    first = run_cli(args, s3_env)
+    assert first.returncode == 0, first.stderr[-4000:]
+    shards = sorted(fs.find(f"{BUCKET}/out-resume/metadata"))
+    assert len(shards) == 3
+    fs.rm(shards[0])  # as if the run died between this shard's images and its metadata
+    fs.pipe(f"{BUCKET}/out-resume/images/part-deadbeef-00000-0000/0123.png", b"orphan")
+
+    resumed = run_cli([*args, "--resume"], s3_env)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    fs.invalidate_cache()
+    rows = s3_metadata(fs, f"{BUCKET}/out-resume")
+    assert sorted(r["id"] for r in rows) == [f"p{i}" for i in range(6)]
+    manifest = json.loads(fs.cat(f"{BUCKET}/out-resume/manifest.json"))
+    assert manifest["counts"]["generated_this_run"] == 2
+    stored = {
+        p.removeprefix(f"{BUCKET}/out-resume/") for p in fs.find(f"{BUCKET}/out-resume/images")
+    }
+    assert stored == {r["image_path"] for r in rows}
+    for row in rows:
+        assert (
+            hashlib.sha256(fs.cat(f"{BUCKET}/out-resume/{row['image_path']}")).hexdigest()
+            == (row["sha256"])
+        )

@@ -118,3 +118,20 @@ def test_mostly_failing_run_is_aborted(model_cache, monkeypatch):
     assert out.column("status").to_pylist() == ["error", "error"]
     with pytest.raises(ErrorBudgetExceeded, match="4 of 4 rows failed"):
         stage(prepared)
+
+
+def test_device_fault_ends_the_actor_instead_of_failing_rows(generate_stage, monkeypatch):
+    """A broken CUDA context is no row's fault: the actor exits so Ray retries the batch."""
+    from sdray.batch import stages
+
+    def cuda_fault(requests):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    def exit_actor():
+        raise SystemExit("actor exited")
+
+    monkeypatch.setattr(generate_stage.engine, "generate", cuda_fault)
+    monkeypatch.setattr(stages, "_exit_actor", exit_actor)
+    prepared = PrepareStage(GenerationConfig())(pa.table({"prompt": ["a", "b"], "steps": [1, 1]}))
+    with pytest.raises(SystemExit, match="actor exited"):
+        generate_stage(prepared)

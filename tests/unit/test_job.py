@@ -1,0 +1,110 @@
+"""Job bookkeeping without a cluster: uncommitted shards, and the errors users see."""
+
+from pathlib import Path
+
+import pytest
+from fsspec.implementations.local import LocalFileSystem
+
+from sdray.batch.job import _unwrap
+from sdray.batch.sink import remove_uncommitted
+from sdray.batch.stages import ErrorBudgetExceeded
+from sdray.errors import SdrayError
+
+
+def touch(root: Path, *paths: str) -> None:
+    for relative in paths:
+        path = root / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x")
+
+
+def remaining(root: Path) -> list[str]:
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+
+
+def test_uncommitted_files_shards_are_removed(tmp_path):
+    touch(
+        tmp_path,
+        "metadata/part-a-00000-0000.parquet",
+        "metadata/.part-a-00001-0000.parquet.1f2e.tmp",  # a killed local write
+        "images/part-a-00000-0000/k1.png",
+        "images/part-a-00001-0000/k2.png",  # images written, metadata never committed
+        "images/part-a-00001-0000/.k3.png.9a8b.tmp",
+        "manifest.json",
+    )
+    removed = remove_uncommitted(LocalFileSystem(), str(tmp_path), 0, images="files")
+    assert removed == 2
+    assert remaining(tmp_path) == [
+        "images/part-a-00000-0000/k1.png",
+        "manifest.json",
+        "metadata/part-a-00000-0000.parquet",
+    ]
+
+
+@pytest.mark.parametrize("suffix", [".tar", ".parquet"])
+def test_uncommitted_container_shards_are_removed_per_partition(tmp_path, suffix):
+    touch(
+        tmp_path,
+        "metadata/scheduler=ddim/part-a-00000-0000.parquet",
+        f"images/scheduler=ddim/part-a-00000-0000{suffix}",
+        f"images/scheduler=ddim/part-a-00000-0001{suffix}",
+        f"images/scheduler=euler/part-a-00000-0000{suffix}",
+        f"images/scheduler=euler/.part-a-00000-0003{suffix}.77.tmp",
+    )
+    removed = remove_uncommitted(LocalFileSystem(), str(tmp_path), 1, images="webdataset")
+    assert removed == 3
+    assert remaining(tmp_path) == [
+        f"images/scheduler=ddim/part-a-00000-0000{suffix}",
+        "metadata/scheduler=ddim/part-a-00000-0000.parquet",
+    ]
+
+
+def test_nothing_to_remove_in_an_empty_output(tmp_path):
+    assert remove_uncommitted(LocalFileSystem(), str(tmp_path), 0, images="files") == 0
+
+
+REMOTE_TRACEBACK = """ray::MapWorker(MapBatches(GenerateStage)).submit() (pid=1, ip=127.0.0.1)
+  File "/usr/lib/python3.11/concurrent/futures/thread.py", line 58, in run
+    result = self.fn(*self.args, **self.kwargs)
+{root}
+
+The above exception was the direct cause of the following exception:
+
+ray::MapWorker(MapBatches(GenerateStage)).submit() (pid=1, ip=127.0.0.1)
+ray.exceptions.UserCodeException: UDF failed to process a data block.
+Failed to apply UDF transform after 1/1 attempts (total backoff 0.0s)."""
+
+
+def remote_failure(root: str):
+    """What Ray Data raises for a UDF error: only the traceback text names the original."""
+    from ray.exceptions import RayTaskError, UserCodeException
+
+    text = REMOTE_TRACEBACK.format(root=root)
+    return RayTaskError("submit", text, UserCodeException("UDF failed")).as_instanceof_cause()
+
+
+def test_sdray_errors_come_back_from_remote_tracebacks():
+    failure = _unwrap(
+        remote_failure(
+            "sdray.batch.stages.ErrorBudgetExceeded: 40 of 40 rows failed in one model actor"
+        )
+    )
+    assert type(failure) is ErrorBudgetExceeded
+    assert str(failure) == "40 of 40 rows failed in one model actor"
+
+
+def test_other_remote_errors_become_one_line():
+    failure = _unwrap(remote_failure("OSError: [Errno 28] No space left on device"))
+    assert type(failure) is SdrayError
+    assert str(failure) == "the job failed: OSError: [Errno 28] No space left on device"
+
+
+def test_actor_deaths_and_local_errors():
+    from ray.exceptions import ActorDiedError
+
+    failure = _unwrap(ActorDiedError())
+    assert "max_actor_restarts" in str(failure) and "--resume" in str(failure)
+    plain = FileNotFoundError("nope")
+    assert _unwrap(plain) is plain
+    budget = ErrorBudgetExceeded("too many")
+    assert _unwrap(budget) is budget
