@@ -85,8 +85,9 @@ class BatchConfig(_Section):
         0.5,
         ge=0,
         le=1,
-        description="Abort a run in which more than this fraction of rows fail (invalid rows "
-        "at planning; engine failures per model actor once it has tried 32 rows); 1 never aborts.",
+        description="Abort a run in which more than this fraction of the rows a model actor "
+        "has tried (32 at least) failed in the engine; 1 never aborts. Invalid rows are only "
+        "reported: they cost no generation.",
     )
     max_actor_restarts: int = Field(
         3,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -12,10 +13,19 @@ from typing import Any, TypeVar
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from sdray.errors import SdrayError
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 # Errors that no retry can fix; anything else from a store (throttling, resets, 5xx) is retried.
-PERMANENT_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, ValueError, TypeError)
+PERMANENT_ERRORS = (
+    FileNotFoundError,
+    PermissionError,
+    IsADirectoryError,
+    ValueError,
+    TypeError,
+    SdrayError,  # the data itself is wrong: say so at once
+)
 
 
 def with_retries(action: Callable[[], T], what: str, attempts: int = 5, delay: float = 0.5) -> T:
@@ -89,6 +99,14 @@ def write_bytes_atomic(fs, path: str, data: bytes, content_type: str | None = No
         keyword = _CONTENT_TYPE_KEYWORDS.get(protocol)
         extra = {keyword: content_type} if keyword and content_type else {}
         with_retries(lambda: fs.pipe_file(path, data, **extra), f"writing {path}")
+
+
+def read_json(fs, path: str) -> Any | None:
+    """A JSON file's content, or None when it does not exist."""
+    if not fs.exists(path):
+        return None
+    with fs.open(path, "rb") as handle:
+        return json.loads(handle.read())
 
 
 def is_nonempty(fs, path: str) -> bool:

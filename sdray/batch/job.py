@@ -24,7 +24,7 @@ from sdray.config import SdrayConfig
 from sdray.errors import InputError, SdrayError
 from sdray.models import model_identity
 from sdray.requests import BATCH_KEY_COLUMN
-from sdray.storage import filesystem, is_nonempty, join, write_bytes_atomic
+from sdray.storage import filesystem, is_nonempty, join, read_json, write_bytes_atomic
 
 log = logging.getLogger(__name__)
 
@@ -117,14 +117,6 @@ def _redacted(config: SdrayConfig) -> dict[str, Any]:
     return data
 
 
-def _read_manifest(fs, root: str) -> dict[str, Any] | None:
-    path = join(root, MANIFEST)
-    if not fs.exists(path):
-        return None
-    with fs.open(path, "rb") as handle:
-        return json.loads(handle.read())
-
-
 def prepare_output(
     output_uri: str,
     *,
@@ -144,7 +136,7 @@ def prepare_output(
     if not is_nonempty(fs, root):
         return None
     if resume:
-        previous = _read_manifest(fs, root)
+        previous = read_json(fs, join(root, MANIFEST))
         if previous is None:
             raise SdrayError(
                 f"cannot resume: output {output_uri!r} has no {MANIFEST}, so it is not an "
@@ -164,12 +156,16 @@ def clear_output(
     output_uri: str,
     extra_owned: tuple[str, ...] = (),
     storage_options: dict[str, Any] | None = None,
+    keep: tuple[str, ...] = (),
 ) -> None:
-    """Remove what sdray (and a caller such as a sweep) wrote in an output: --overwrite."""
+    """Remove what sdray (and a caller such as a sweep) wrote in an output: --overwrite.
+
+    `keep` names owned entries that are the new job's own input (a sweep's table and record).
+    """
     fs, root = filesystem(output_uri, storage_options)
     for name in (*OWNED_PATHS, *extra_owned):
         path = join(root, name)
-        if fs.exists(path):
+        if name not in keep and fs.exists(path):
             fs.rm(path, recursive=True)
 
 
@@ -320,8 +316,7 @@ def _status_counts(prepared) -> dict[str, int]:
 class JobPlan:
     """A validated job: the prepared rows in the object store, and what is left to generate."""
 
-    prepared: Any  # ray.data.Dataset, every input row validated (status ok or error)
-    todo: Any  # the rows not committed yet, ordered for homogeneous batches
+    todo: Any  # ray.data.Dataset: the rows not committed yet, ordered for homogeneous batches
     total: int
     todo_rows: int
     invalid: int
@@ -364,11 +359,6 @@ def plan_job(
         )
     invalid = status.get("error", 0)
     examples = _invalid_examples(prepared) if invalid else []
-    if invalid / total > config.batch.max_error_fraction:
-        raise InputError(
-            f"{invalid} of {total} rows are invalid, above batch.max_error_fraction="
-            f"{config.batch.max_error_fraction}; for example: " + "; ".join(examples)
-        )
     if invalid:
         # Reported whatever the progress setting: these rows will not be generated.
         _say(
@@ -399,7 +389,7 @@ def plan_job(
         order.append(BATCH_KEY_COLUMN)
     if order and todo_rows:
         todo = todo.sort(order)
-    return JobPlan(prepared, todo, total, todo_rows, invalid)
+    return JobPlan(todo, total, todo_rows, invalid)
 
 
 def run_generate(
@@ -411,12 +401,13 @@ def run_generate(
     resume: bool = False,
     progress: bool = True,
     extra_owned: tuple[str, ...] = (),
+    keep: tuple[str, ...] = (),
     generate_stage: type = GenerateStage,
 ) -> JobSummary:
     """Run an offline generation job end to end; the CLI, pipelines/ and sweeps all call this.
 
-    `generate_stage` is the model actor class; only benchmarks of the bookkeeping swap it for a
-    stand-in.
+    `extra_owned`/`keep`: see `prepare_output` and `clear_output`. `generate_stage` is the model
+    actor class; only benchmarks of the bookkeeping swap it for a stand-in.
     """
     from ray.data import ActorPoolStrategy
 
@@ -450,7 +441,7 @@ def run_generate(
         input_uri, config, output_uri=output_uri, resuming=previous is not None, say=say
     )
     if overwrite:
-        clear_output(output_uri, extra_owned, storage)  # only now that the job can run
+        clear_output(output_uri, extra_owned, storage, keep)  # only now that the job can run
     if previous is not None:
         removed = remove_uncommitted(
             fs, root, len(config.output.partition_by), images=config.output.format

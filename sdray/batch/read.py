@@ -251,16 +251,10 @@ def peek_schemas(
     remote = not is_local(fs)
 
     def peek(file: dict[str, str]) -> pa.Schema:
-        def attempt() -> pa.Schema | InputError:
-            try:
-                return peek_schema(file, storage_options)
-            except InputError as error:  # the file is bad: no retry will help
-                return error
+        def attempt() -> pa.Schema:
+            return peek_schema(file, storage_options)
 
-        result = with_retries(attempt, f"reading {file['uri']}") if remote else attempt()
-        if isinstance(result, InputError):
-            raise result
-        return result
+        return with_retries(attempt, f"reading {file['uri']}") if remote else attempt()
 
     if len(files) == 1:
         return [peek(files[0])]

@@ -249,7 +249,7 @@ def bench_serve(
     config: SdrayConfig,
     *,
     concurrencies: tuple[int, ...] = (1, 4, 16),
-    rounds: int = 1,
+    rounds: int = 2,
     requests: int | None = None,
     time_limit_s: float = 120.0,
     width: int = 64,

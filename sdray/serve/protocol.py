@@ -11,7 +11,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from sdray.config import GenerationConfig, ServeConfig
-from sdray.requests import SEED_LIMIT, GenerationRequest, validate_row
+from sdray.requests import SEED_LIMIT, GenerationRequest, is_unicode_text, validate_row
 
 # Seeds chosen for requests that give none: small enough to read and type back.
 RANDOM_SEED_LIMIT = 2**32
@@ -169,11 +169,7 @@ def parse_body(raw: bytes, model: type[_Body]) -> Any:
 def _unencodable(value: Any) -> str | None:
     """The first string in `value`, nested lists and objects included, that UTF-8 cannot encode."""
     if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            return value
-        return None
+        return None if is_unicode_text(value) else value
     if isinstance(value, dict):
         parts: list[Any] = [part for item in value.items() for part in item]
     elif isinstance(value, list):
@@ -261,7 +257,6 @@ def check_model(model: str | None, served: str) -> None:
 
 
 def _check_prompt(name: str, text: str | None, limits: ServeConfig) -> None:
-    check_text(name, text)
     if text is not None and len(text) > limits.max_prompt_chars:
         raise ApiError(
             400,

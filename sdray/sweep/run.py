@@ -77,16 +77,6 @@ def sweep_record(spec: SweepSpec, expansion: Expansion) -> dict[str, Any]:
     }
 
 
-def _read_record(fs, root: str) -> dict[str, Any] | None:
-    from sdray.storage import join
-
-    path = join(root, SWEEP_RECORD)
-    if not fs.exists(path):
-        return None
-    with fs.open(path, "rb") as handle:
-        return json.loads(handle.read())
-
-
 def _write_record(fs, root: str, record: dict[str, Any]) -> None:
     from sdray.storage import join, write_bytes_atomic
 
@@ -97,7 +87,7 @@ def _prepare_sweep_output(
     output_uri: str, *, overwrite: bool, resume: bool, storage: dict[str, Any]
 ) -> bool:
     """Refuse a non-empty output before writing anything; return whether the job resumes."""
-    from sdray.batch import clear_output, prepare_output
+    from sdray.batch import prepare_output
     from sdray.batch.job import MANIFEST
     from sdray.storage import filesystem, join
 
@@ -122,8 +112,6 @@ def _prepare_sweep_output(
         extra_owned=SWEEP_OWNED,
         storage_options=storage,
     )
-    if overwrite:  # the spec and its prompts are valid: the old output may go
-        clear_output(output_uri, SWEEP_OWNED, storage)
     return previous is not None
 
 
@@ -139,7 +127,7 @@ def run_sweep(
     """Expand a sweep spec into OUTPUT/sweep.parquet, generate it exactly as `sdray generate`
     would, then draw the contact sheets and write the gallery page."""
     from sdray.batch import run_generate
-    from sdray.storage import filesystem, join
+    from sdray.storage import filesystem, join, read_json
     from sdray.sweep.contact_sheets import write_contact_sheets
     from sdray.sweep.gallery import write_gallery
 
@@ -153,7 +141,7 @@ def run_sweep(
     )
     fs, root = filesystem(output_uri, storage)
     record = sweep_record(spec, expansion)
-    previous = _read_record(fs, root) if resume else None
+    previous = read_json(fs, join(root, SWEEP_RECORD)) if resume else None
     if previous is not None and previous.get("fingerprint") != record["fingerprint"]:
         if not resuming:  # nothing was generated from the old expansion: expand afresh
             previous = None
@@ -182,6 +170,8 @@ def run_sweep(
         output_uri,
         config,
         resume=resuming,
+        overwrite=overwrite,  # the old output goes once the job is planned, but for its input:
+        keep=(SWEEP_TABLE, SWEEP_RECORD),
         progress=progress,
         extra_owned=SWEEP_OWNED,
     )

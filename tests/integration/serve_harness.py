@@ -5,7 +5,6 @@ from __future__ import annotations
 import signal
 import socket
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +13,8 @@ from typing import Any
 import httpx
 import yaml
 
-SDRAY = str(Path(sys.executable).with_name("sdray"))
+from tests.integration.cli import SDRAY
+
 START_TIMEOUT_S = 240
 STOP_TIMEOUT_S = 90
 

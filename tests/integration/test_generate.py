@@ -6,16 +6,14 @@ import hashlib
 import io
 import json
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
+
+from .cli import read_metadata, run_cli
 
 pytestmark = pytest.mark.integration
 
@@ -40,21 +38,6 @@ INVALID = {
     "null-prompt": "prompt=None",
     "bad-seed": "seed=-3",
 }
-
-
-SDRAY = str(Path(sys.executable).with_name("sdray"))
-
-
-def run_cli(args, env, timeout=240):
-    return subprocess.run([SDRAY, *args], env=env, capture_output=True, text=True, timeout=timeout)
-
-
-def read_metadata(output: Path) -> list[dict]:
-    return (
-        pads.dataset(output / "metadata", format="parquet", partitioning="hive")
-        .to_table()
-        .to_pylist()
-    )
 
 
 @pytest.fixture(scope="module")

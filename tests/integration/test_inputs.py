@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 
+from .cli import read_metadata, run_cli
+
 pytestmark = pytest.mark.integration
 
-SDRAY = str(Path(sys.executable).with_name("sdray"))
 FAST = [
     *("--set", "generation.steps=1"),
     *("--set", "generation.width=64"),
@@ -23,18 +20,6 @@ FAST = [
     *("--set", "batch.max_actors=1"),
     "--no-progress",
 ]
-
-
-def run_cli(args, env, timeout=300):
-    return subprocess.run([SDRAY, *args], env=env, capture_output=True, text=True, timeout=timeout)
-
-
-def read_metadata(output: Path) -> list[dict]:
-    return (
-        pads.dataset(output / "metadata", format="parquet", partitioning="hive")
-        .to_table()
-        .to_pylist()
-    )
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -15,9 +14,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from .cli import SDRAY
+
 pytestmark = pytest.mark.integration
 
-SDRAY = str(Path(sys.executable).with_name("sdray"))
 JOB = [
     "--no-progress",
     "--set",

@@ -388,16 +388,25 @@ def test_api_keys_never_reach_the_logs(server, ray_cluster):
         ]
         assert statuses == [200, 200, 401, 401, 401, 401]
         http.get("/v1/models", headers={"Authorization": f"Bearer {API_KEY}"})
-    time.sleep(2)  # let Ray flush the replica's and the proxy's log files
     session = Path(ray._private.worker._global_node.get_session_dir_path())
-    files = [path for path in session.rglob("*") if path.is_file() and not path.is_symlink()]
-    texts = [server.log()] + [path.read_bytes().decode(errors="ignore") for path in files]
-    for key in (API_KEY, SECOND_KEY, WRONG_KEY):
-        leaks = [str(p) for p, t in zip(files, texts[1:], strict=True) if key in t]
-        assert key not in texts[0] and not leaks, f"{key} found in {leaks or 'the server log'}"
-    # The replica and the proxy logged these requests, so the logs were there to look at.
-    logs = "".join(t for p, t in zip(files, texts[1:], strict=True) if "logs" in p.parts)
+
+    def read_session() -> tuple[list[Path], list[str]]:
+        files = [path for path in session.rglob("*") if path.is_file() and not path.is_symlink()]
+        return files, [path.read_bytes().decode(errors="ignore") for path in files]
+
+    # Wait (bounded) until Ray has flushed the replica's and the proxy's logs of these
+    # requests, so the logs are there to look at.
+    deadline = time.monotonic() + 60
+    while True:
+        files, texts = read_session()
+        logs = "".join(t for p, t in zip(files, texts, strict=True) if "logs" in p.parts)
+        if ("/v1/generate" in logs and "401" in logs) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
     assert "/v1/generate" in logs and "401" in logs
+    for key in (API_KEY, SECOND_KEY, WRONG_KEY):
+        leaks = [str(p) for p, t in zip(files, texts, strict=True) if key in t]
+        assert key not in server.log() and not leaks, f"{key} found in {leaks or 'the server log'}"
 
 
 def test_overload_gets_only_200s_and_503s_with_retry_after_and_server_stays_healthy(server):

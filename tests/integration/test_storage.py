@@ -5,12 +5,8 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
@@ -18,11 +14,11 @@ from PIL import Image
 from sdray.images import read_infotext
 from sdray.models import resolve_model
 
+from .cli import read_metadata, run_cli
 from .s3 import CREDENTIALS, FlakyProxy, MotoServer
 
 pytestmark = pytest.mark.integration
 
-SDRAY = str(Path(sys.executable).with_name("sdray"))
 BUCKET = "sdray-test"
 FAST = [
     "--no-progress",
@@ -67,10 +63,6 @@ def s3_env(sdray_env, s3):
     return {**sdray_env, **CREDENTIALS, "AWS_ENDPOINT_URL": s3.endpoint}
 
 
-def run_cli(args, env, timeout=300):
-    return subprocess.run([SDRAY, *args], env=env, capture_output=True, text=True, timeout=timeout)
-
-
 def prompts_table(n: int) -> pa.Table:
     return pa.table(
         {
@@ -89,10 +81,7 @@ def put_table(fs, path: str, table: pa.Table) -> None:
 
 
 def s3_metadata(fs, prefix: str) -> list[dict]:
-    dataset = pads.dataset(
-        f"{prefix}/metadata", filesystem=fs, format="parquet", partitioning="hive"
-    )
-    return dataset.to_table().to_pylist()
+    return read_metadata(prefix, filesystem=fs)
 
 
 def test_s3_round_trip_with_model_from_bucket(s3, s3fs_client, s3_env, model_cache):

@@ -7,7 +7,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import urllib.parse
 from pathlib import Path
 
@@ -16,9 +15,10 @@ import pyarrow.dataset as pads
 import pytest
 from PIL import Image
 
+from .cli import read_metadata, run_cli
+
 pytestmark = pytest.mark.integration
 
-SDRAY = str(Path(sys.executable).with_name("sdray"))
 CHROMIUM = "/usr/bin/chromium"
 FAST = ["--set", "batch.min_actors=2", "--set", "batch.max_actors=2"]
 # Hive partitions by an axis: sheets and gallery must read axis values back from paths.
@@ -40,15 +40,6 @@ sheet: {rows: steps, cols: guidance_scale}
 """
 GUIDANCE, STEPS, SEEDS = [1.0, 7.5], [2, 3], [0, 1]
 PROMPTS = {"fox": ("a red fox in the snow", "photo"), "house": ("a lighthouse at dusk", "painting")}
-
-
-def run_cli(args, env, timeout=300):
-    return subprocess.run([SDRAY, *args], env=env, capture_output=True, text=True, timeout=timeout)
-
-
-def read_metadata(output: Path) -> list[dict]:
-    dataset = pads.dataset(output / "metadata", format="parquet", partitioning="hive")
-    return dataset.to_table().to_pylist()
 
 
 @pytest.fixture(scope="module")
