@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from .cli import SDRAY
+from .cli import SDRAY, run_cli
 
 pytestmark = pytest.mark.integration
 
@@ -262,7 +262,6 @@ def test_engine_failures_become_error_rows_or_abort(tmp_path, sdray_env, nan_mod
     source = tmp_path / "prompts.parquet"
     write_prompts(source, n)
     base = [
-        SDRAY,
         "generate",
         "--input",
         str(source),
@@ -282,12 +281,9 @@ def test_engine_failures_become_error_rows_or_abort(tmp_path, sdray_env, nan_mod
         "batch.max_actors=1",
     ]
     # Within the error budget (1 allows every row to fail): error rows, exit 0.
-    kept = subprocess.run(
+    kept = run_cli(
         [*base, "--output", str(tmp_path / "kept"), "--set", "batch.max_error_fraction=1"],
-        env=sdray_env,
-        capture_output=True,
-        text=True,
-        timeout=300,
+        sdray_env,
     )
     assert kept.returncode == 0, kept.stderr[-3000:]
     rows = metadata_rows(tmp_path / "kept")
@@ -296,12 +292,9 @@ def test_engine_failures_become_error_rows_or_abort(tmp_path, sdray_env, nan_mod
     assert all("non-finite values" in r["error"] for r in rows)
 
     # Over the budget: the run stops early with one clear message and keeps what it committed.
-    aborted = subprocess.run(
+    aborted = run_cli(
         [*base, "--output", str(tmp_path / "aborted"), "--set", "batch.max_error_fraction=0.5"],
-        env=sdray_env,
-        capture_output=True,
-        text=True,
-        timeout=300,
+        sdray_env,
     )
     assert aborted.returncode == 2, aborted.stderr[-3000:]
     assert "aborting the run" in aborted.stderr
