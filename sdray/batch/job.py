@@ -452,7 +452,8 @@ def run_generate(
     done = f", {plan.total - plan.todo_rows} already committed" if previous else ""
     say(
         f"{plan.total} rows ({plan.invalid} invalid){done}; "
-        f"generating {plan.todo_rows} with up to {config.batch.max_actors} model actors"
+        f"{plan.todo_rows} to write (invalid ones as error rows), with up to "
+        f"{config.batch.max_actors} model actors"
     )
     manifest: dict[str, Any] = {
         "sdray_version": package_versions()["sdray"],
