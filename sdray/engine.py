@@ -128,13 +128,18 @@ class DiffusionEngine:
         max_batch_size: int = 8,
         torch_threads: int | None = None,
         storage_options: dict[str, Any] | None = None,
+        expected_sha256: str | None = None,
     ) -> DiffusionEngine:
-        """Resolve `model.source` (building or copying it if needed) and load it."""
+        """Resolve `model.source` (building or copying it if needed) and load it.
+
+        `expected_sha256` refuses a model whose identity is no longer the one given.
+        """
         files = resolve_model(
             config.source,
             cache_dir=config.cache_dir,
             allow_pickle=config.allow_pickle,
             storage_options=storage_options,
+            expected_sha256=expected_sha256,
         )
         return cls(
             files,

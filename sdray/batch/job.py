@@ -17,6 +17,7 @@ from datetime import datetime, timezone
 from importlib import metadata as importlib_metadata
 from typing import Any
 
+from sdray.batch.lease import LEASE, output_lease
 from sdray.batch.read import read_prompts
 from sdray.batch.sink import IMAGES_DIR, METADATA_DIR, ImageDatasink, remove_uncommitted
 from sdray.batch.stages import EncodeStage, ErrorBudgetExceeded, GenerateStage, PrepareStage
@@ -117,6 +118,16 @@ def _redacted(config: SdrayConfig) -> dict[str, Any]:
     return data
 
 
+def output_entries(fs, root: str) -> list[str]:
+    """Names of what an output directory holds, but for a run's lease."""
+    if not is_nonempty(fs, root):
+        return []
+    if fs.isfile(root):
+        return [root.rsplit("/", 1)[-1]]
+    names = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)]
+    return [name for name in names if name != LEASE]
+
+
 def prepare_output(
     output_uri: str,
     *,
@@ -133,7 +144,8 @@ def prepare_output(
     their own.
     """
     fs, root = filesystem(output_uri, storage_options)
-    if not is_nonempty(fs, root):
+    entries = output_entries(fs, root)
+    if not entries:
         return None
     if resume:
         previous = read_json(fs, join(root, MANIFEST))
@@ -143,7 +155,6 @@ def prepare_output(
                 "sdray output (or its run never started)"
             )
         return previous
-    entries = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)]
     if not overwrite and any(e not in extra_owned for e in entries):
         raise SdrayError(
             f"output {output_uri!r} is not empty. Pass --overwrite to replace what sdray wrote "
@@ -407,8 +418,35 @@ def run_generate(
     """Run an offline generation job end to end; the CLI, pipelines/ and sweeps all call this.
 
     `extra_owned`/`keep`: see `prepare_output` and `clear_output`. `generate_stage` is the model
-    actor class; only benchmarks of the bookkeeping swap it for a stand-in.
+    actor class; only benchmarks of the bookkeeping swap it for a stand-in. The run holds the
+    output's lease throughout (see `sdray.batch.lease`), so a second run cannot join it.
     """
+    with output_lease(output_uri, config.storage.storage_options, command="generate"):
+        return _run_generate(
+            input_uri,
+            output_uri,
+            config,
+            overwrite=overwrite,
+            resume=resume,
+            progress=progress,
+            extra_owned=extra_owned,
+            keep=keep,
+            generate_stage=generate_stage,
+        )
+
+
+def _run_generate(
+    input_uri: str,
+    output_uri: str,
+    config: SdrayConfig,
+    *,
+    overwrite: bool,
+    resume: bool,
+    progress: bool,
+    extra_owned: tuple[str, ...],
+    keep: tuple[str, ...],
+    generate_stage: type,
+) -> JobSummary:
     from ray.data import ActorPoolStrategy
 
     started = time.perf_counter()
@@ -498,6 +536,7 @@ def run_generate(
                     fn_constructor_kwargs={
                         "model": config.model,
                         "model_name": model["name"],
+                        "model_sha256": model["sha256"],
                         "batch_size": batch.batch_size,
                         "torch_threads": batch.torch_threads,
                         "storage_options": storage,

@@ -68,15 +68,19 @@ class GenerateStage:
         storage_options: dict[str, Any] | None = None,
         max_error_fraction: float = 1.0,
         min_rows_for_budget: int = 32,
+        model_sha256: str | None = None,
     ) -> None:
         from sdray.engine import DiffusionEngine
 
         started = time.perf_counter()
+        # model_sha256: the identity the driver recorded; an actor (re)starting after the model
+        # changed under the job refuses to load it rather than mix two models in one output.
         self.engine = DiffusionEngine.from_config(
             model,
             max_batch_size=batch_size,
             torch_threads=torch_threads,
             storage_options=storage_options,
+            expected_sha256=model_sha256,
         )
         self.model_name = model_name
         self.max_error_fraction = max_error_fraction

@@ -178,11 +178,14 @@ def resolve_model(
     cache_dir: str | None = None,
     allow_pickle: bool = False,
     storage_options: dict[str, Any] | None = None,
+    expected_sha256: str | None = None,
 ) -> ModelFiles:
     """Turn `model.source` into a checked local diffusers directory (building or copying it).
 
     A remote model is copied once per node into a cache directory named by its listing hash
     (`remote_model_hash`): a changed model is a new directory, never the old copy.
+    `expected_sha256` (the identity a job recorded when it started, see `model_identity`)
+    refuses a model that has changed since, so one run never mixes two models.
     """
     root = cache_root(cache_dir)
     if source == "tiny":
@@ -196,8 +199,10 @@ def resolve_model(
             names = [k.rsplit("/", 1)[-1] for k in listing if k.startswith(component + "/")]
             _check_weights(names, component, source, allow_pickle=allow_pickle)
         files = select_model_files(list(listing), allow_pickle=allow_pickle)
+        identity = _listing_hash(listing)
+        _check_unchanged(source, identity, expected_sha256)
         directory = _materialize_once(
-            root / "remote" / _listing_hash(listing)[:32],
+            root / "remote" / identity[:32],
             _download(source, fs, base, {f: listing[f] for f in files}),
         )
         name = source.rstrip("/")
@@ -207,7 +212,18 @@ def resolve_model(
             raise ModelError(f"model.source {source!r} is not a directory (nor 'tiny' or a URI)")
         name = str(directory)
     check_model_directory(directory, source, allow_pickle=allow_pickle)
+    if expected_sha256 is not None and not _is_remote(source):
+        _check_unchanged(source, model_hash(directory), expected_sha256)
     return ModelFiles(source=source, directory=directory, name=name)
+
+
+def _check_unchanged(source: str, actual: str, expected: str | None) -> None:
+    if expected is not None and actual != expected:
+        raise ModelError(
+            f"model {source!r} changed while the job was running (sha256 {expected[:12]}... "
+            f"when it started, {actual[:12]}... now); rerun the job with --overwrite against "
+            "the model you mean, or restore the old one and --resume"
+        )
 
 
 def check_model_directory(directory: Path, source: str, *, allow_pickle: bool) -> None:

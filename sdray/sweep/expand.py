@@ -98,6 +98,12 @@ def _prompt_keys_of(ids: pa.Array | pa.ChunkedArray | None, index: np.ndarray) -
     return pc.if_else(pc.fill_null(missing, True), positional, text)
 
 
+def _as_text_schema(schema: pa.Schema, text_columns: list[str]) -> pa.Schema:
+    return pa.schema(
+        [pa.field(f.name, pa.string()) if f.name in text_columns else f for f in schema]
+    )
+
+
 def _hash_keys(keys: pa.Array) -> np.ndarray:
     """64-bit hashes of keys, to find duplicates in bounded memory (8 bytes per prompt)."""
     import pandas as pd
@@ -114,6 +120,7 @@ class PromptSource:
     schema: pa.Schema | None = None  # carried columns of a prompts_file (unified over chunks)
     count: int = 0
     _files: list[dict[str, str]] = field(default_factory=list)
+    _text_columns: list[str] = field(default_factory=list)
 
     def scan(self) -> None:
         """Count the prompts, settle the carried columns' types and refuse duplicate prompt ids
@@ -122,7 +129,7 @@ class PromptSource:
             self.count = len(self.spec.prompts)
             self.schema = pa.schema([])
             return
-        from sdray.batch.read import list_prompt_files
+        from sdray.batch.read import column_plan, list_prompt_files
         from sdray.errors import InputError
 
         try:
@@ -135,12 +142,12 @@ class PromptSource:
             schemas.append(chunk.schema)
             hashes.append(_hash_keys(self._keys(chunk, self.count)))
             self.count += chunk.num_rows
-        try:
-            schema = pa.unify_schemas(schemas, promote_options="permissive")
-        except (pa.ArrowInvalid, pa.ArrowTypeError) as error:
-            raise SweepSpecError(
-                f"prompts_file: its parts disagree on column types: {error}"
-            ) from None
+        # Parts that disagree on a column's type (int64 in one file, text in another) are read
+        # with that column as text everywhere, as `sdray generate` reads them.
+        self._text_columns = column_plan(schemas)[0]
+        schema = pa.unify_schemas(
+            [_as_text_schema(s, self._text_columns) for s in schemas], promote_options="permissive"
+        )
         # Without a seed axis, a file's `seed` column gives its prompts' seeds (see Expansion).
         own = {"prompt", "seed"} if self.spec.derives_seeds else {"prompt"}
         self.schema = pa.schema([f for f in schema if f.name not in own])
@@ -195,11 +202,12 @@ class PromptSource:
 
     def _raw_chunks(self) -> Iterator[pa.Table]:
         """The prompt table's chunks; a file `id` column becomes `prompt_id`."""
-        from sdray.batch.read import read_prompt_file
+        from sdray.batch.read import conform_chunk, read_prompt_file
 
         for file in self._files:
             for chunk in read_prompt_file(file, self.storage_options):
                 chunk = chunk.select([n for n in chunk.column_names if not n.startswith("__sdray")])
+                chunk = conform_chunk(chunk, self._text_columns)
                 yield chunk.rename_columns(
                     [PROMPT_ID_COLUMN if n == "id" else n for n in chunk.column_names]
                 )

@@ -88,15 +88,14 @@ def _prepare_sweep_output(
 ) -> bool:
     """Refuse a non-empty output before writing anything; return whether the job resumes."""
     from sdray.batch import prepare_output
-    from sdray.batch.job import MANIFEST
+    from sdray.batch.job import MANIFEST, output_entries
     from sdray.storage import filesystem, join
 
     fs, root = filesystem(output_uri, storage)
     if resume and fs.exists(root):
         has_manifest = fs.exists(join(root, MANIFEST))
         if not has_manifest:
-            entries = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)]
-            if all(entry in SWEEP_OWNED for entry in entries):
+            if all(entry in SWEEP_OWNED for entry in output_entries(fs, root)):
                 return False  # only the expansion was written: start the job afresh
         elif not fs.exists(join(root, SWEEP_RECORD)):
             raise SdrayError(
@@ -125,7 +124,25 @@ def run_sweep(
     progress: bool = True,
 ) -> SweepSummary:
     """Expand a sweep spec into OUTPUT/sweep.parquet, generate it exactly as `sdray generate`
-    would, then draw the contact sheets and write the gallery page."""
+    would, then draw the contact sheets and write the gallery page (holding the output's lease
+    throughout, as `run_generate` does)."""
+    from sdray.batch.lease import output_lease
+
+    with output_lease(output_uri, config.storage.storage_options, command="sweep"):
+        return _run_sweep(
+            spec_path, output_uri, config, overwrite=overwrite, resume=resume, progress=progress
+        )
+
+
+def _run_sweep(
+    spec_path: str,
+    output_uri: str,
+    config: SdrayConfig,
+    *,
+    overwrite: bool,
+    resume: bool,
+    progress: bool,
+) -> SweepSummary:
     from sdray.batch import run_generate
     from sdray.storage import filesystem, join, read_json
     from sdray.sweep.contact_sheets import write_contact_sheets

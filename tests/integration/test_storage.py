@@ -308,3 +308,36 @@ def test_resume_on_s3_removes_what_was_never_committed(s3fs_client, s3_env):
             hashlib.sha256(fs.cat(f"{BUCKET}/out-resume/{row['image_path']}")).hexdigest()
             == (row["sha256"])
         )
+
+
+def test_an_output_in_use_by_a_live_run_is_refused(s3fs_client, s3_env):
+    import time
+
+    from sdray.batch import lease
+
+    prefix = f"{BUCKET}/in-use"
+    put_table(s3fs_client, f"{prefix}/prompts.parquet", prompts_table(2))
+    held = {
+        "run": "r1",
+        "command": "generate",
+        "host": "elsewhere",
+        "pid": 7,
+        "heartbeat": time.time(),
+    }
+    s3fs_client.pipe_file(f"{prefix}/out/{lease.LEASE}", json.dumps(held).encode())
+    args = [
+        "generate",
+        "--input",
+        f"s3://{prefix}/prompts.parquet",
+        "--output",
+        f"s3://{prefix}/out",
+    ]
+    result = run_cli([*args, "--resume", *FAST], s3_env)
+    assert result.returncode == 2, result.stderr
+    assert (
+        "is in use by another sdray run r1" in result.stderr and "host elsewhere" in result.stderr
+    )
+    assert s3fs_client.ls(f"{prefix}/out", detail=False) == [f"{prefix}/out/{lease.LEASE}"]
+    # The lease is created by a conditional put: of two runs racing for it, one loses.
+    with pytest.raises(FileExistsError):
+        lease._create(s3fs_client, f"{prefix}/out/{lease.LEASE}", b"{}")

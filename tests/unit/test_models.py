@@ -182,6 +182,24 @@ def test_changed_remote_model_is_fetched_anew(bucket, tmp_path):
     assert json.loads((first / "scheduler" / "scheduler_config.json").read_text()) != changed
 
 
+def test_a_model_changed_since_the_job_started_is_refused(bucket, tmp_path, model_cache):
+    started = remote_model_hash(bucket["uri"])
+    resolve_model(bucket["uri"], cache_dir=str(tmp_path), expected_sha256=started)
+    config = f"{bucket['root']}/scheduler/scheduler_config.json"
+    bucket["fs"].pipe_file(config, bucket["fs"].cat_file(config) + b"\n")
+    with pytest.raises(ModelError, match="changed while the job was running"):
+        resolve_model(bucket["uri"], cache_dir=str(tmp_path), expected_sha256=started)
+    assert len([p for p in (tmp_path / "remote").iterdir() if p.is_dir()]) == 1  # no new copy
+
+    local = tmp_path / "local-model"
+    shutil.copytree(resolve_model("tiny").directory, local)
+    started = model_hash(local)
+    assert resolve_model(str(local), expected_sha256=started).directory == local
+    (local / "scheduler" / "scheduler_config.json").write_text("{}")
+    with pytest.raises(ModelError, match="changed while the job was running"):
+        resolve_model(str(local), expected_sha256=started)
+
+
 def test_remote_pickle_only_weights_are_refused_before_copying(bucket, tmp_path):
     bucket["fs"].rm(f"{bucket['root']}/unet/diffusion_pytorch_model.safetensors")
     bucket["fs"].rm(f"{bucket['root']}/unet/diffusion_pytorch_model.fp16.safetensors")

@@ -203,6 +203,17 @@ def test_prompts_file_csv_without_ids(tmp_path):
     assert [r["style"] for r in rows] == ["photo", "photo", None, None]
 
 
+def test_prompts_file_parts_that_disagree_on_types_are_read_as_text(tmp_path):
+    parts = tmp_path / "prompts"
+    parts.mkdir()
+    pq.write_table(pa.table({"prompt": ["a fox"], "tag": [7], "id": [1]}), parts / "a.parquet")
+    (parts / "b.csv").write_text("prompt,tag,id\na lighthouse,coastal,b2\n")
+    sweep = spec_from_dict({"name": "t", "prompts_file": str(parts), "axes": {"steps": [2]}})
+    rows = expand(sweep)
+    assert [(r["prompt_id"], r["tag"]) for r in rows] == [("1", "7"), ("b2", "coastal")]
+    assert [r["id"] for r in rows] == ["1", "b2"]
+
+
 def test_prompts_file_clashing_with_an_axis_is_refused(tmp_path):
     (tmp_path / "p.csv").write_text("prompt,steps\na fox,3\n")
     sweep = spec_from_dict(
