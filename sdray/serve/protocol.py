@@ -86,6 +86,8 @@ class ImagesGenerationRequest(_Body):
     stream: Literal[False] | None = Field(None, description="Streaming is not served.")
     user: str | None = Field(None, description="End-user identifier; accepted and ignored.")
     safety_identifier: str | None = Field(None, description="Accepted and ignored.")
+    quality: str | None = Field(None, description="OpenAI's quality tier; accepted and ignored.")
+    style: str | None = Field(None, description="OpenAI's dall-e-3 style; accepted and ignored.")
     seed: int | None = Field(
         None, description="Seed of the first image; image i gets (seed + i) mod 2^63."
     )
@@ -145,7 +147,8 @@ def parse_body(raw: bytes, model: type[_Body]) -> Any:
     """Decode a JSON object body into `model`, or raise a 400 ApiError naming the parameter."""
     try:
         data = json.loads(raw or b"")
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
+    # ValueError: JSONDecodeError, and integers longer than Python converts (4300 digits).
+    except (ValueError, RecursionError) as error:
         raise ApiError(
             400,
             f"We could not parse the JSON body of your request ({error}). "

@@ -1,7 +1,10 @@
 """Build the Serve application from the sdray config, and run it in the foreground."""
 
+import errno
 import logging
+import os
 import signal
+import socket
 import sys
 import threading
 from typing import Any
@@ -148,6 +151,39 @@ def _wait_until_running(serve: Any, stop: threading.Event) -> bool:
     return False
 
 
+def _port_in_use(options: dict[str, Any]) -> SdrayError:
+    return SdrayError(
+        f"cannot listen on {options['host']}:{options['port']}: the address is in use "
+        "(another server runs there); pick another --port or stop that server"
+    )
+
+
+def _start_proxy(serve: Any, options: dict[str, Any], *, probe: bool) -> None:
+    """Start Serve's HTTP proxy; a port that is taken is one line for the user, not a trace.
+
+    `probe` (Serve not running yet): the proxy will run on every node, this one included unless
+    the driver is a Ray Client, so the port is tried here first, which spares the user the
+    proxy's own failure, logged at length.
+    """
+    if probe and not os.environ.get("RAY_ADDRESS", "").startswith("ray://"):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+            try:
+                probe.bind((options["host"], options["port"]))
+            except OSError as error:
+                if error.errno == errno.EADDRINUSE:
+                    raise _port_in_use(options) from None
+                raise SdrayError(
+                    f"cannot listen on {options['host']}:{options['port']}: {error.strerror}"
+                ) from None
+    try:
+        serve.start(http_options=options)
+    except Exception as error:
+        if "Failed to bind" in str(error) or "address already in use" in str(error).lower():
+            raise _port_in_use(options) from None
+        raise
+
+
 def run_server(config: SdrayConfig, *, host: str = "127.0.0.1", port: int = 8000) -> None:
     """Serve the API on host:port until SIGINT/SIGTERM, then shut down Serve and Ray cleanly.
 
@@ -161,7 +197,8 @@ def run_server(config: SdrayConfig, *, host: str = "127.0.0.1", port: int = 8000
     digests = api_key_digests()
     if not ray.is_initialized():
         ray.init(logging_level=logging.WARNING, include_dashboard=False)
-    others = set(serve.status().applications)
+    status = serve.status()
+    others = set(status.applications)
     if APP_NAME in others:
         ray.shutdown()
         raise SdrayError(
@@ -173,7 +210,7 @@ def run_server(config: SdrayConfig, *, host: str = "127.0.0.1", port: int = 8000
     stop = StopSignal()
     stop.install()
     try:
-        serve.start(http_options=http_options(config, host, port))
+        _start_proxy(serve, http_options(config, host, port), probe=not status.proxies)
         _say(f"deploying model {config.model.source!r}; waiting for replicas to load it")
         target = serve.RunTarget(build_application(config, digests), name=APP_NAME)
         serve.run_many([target], wait_for_applications_running=False)

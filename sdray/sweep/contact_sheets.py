@@ -119,7 +119,7 @@ class SheetPlan:
         ranks = {}
         for axis in self.axes:
             listed = axis.get("values")
-            if listed is not None and len(listed) == axis["size"]:
+            if listed is not None:  # a long listed axis records only its first values
                 ranks[axis["name"]] = {v: i for i, v in enumerate(listed)}
         return ranks
 
@@ -127,11 +127,11 @@ class SheetPlan:
         """A value's position on its axis, in spec order; None if it is not (known) on it."""
         ranks = self._ranks.get(name)
         if ranks is not None:
-            return ranks.get(value)
+            return ranks.get(value)  # None past the recorded values: beyond any sheet's side
         axis = self.axis(name)
         span = axis.get("range")
         if span is None or not isinstance(value, int):
-            return None  # a long listed axis: only its first values are in the record
+            return None
         steps, rest = divmod(value - span["start"], span["step"])
         return steps if rest == 0 and 0 <= steps < axis["size"] else None
 
@@ -146,11 +146,13 @@ class SheetPlan:
 
     def zip_index(self, row: dict[str, Any]) -> int:
         """Zip mode: a row's place in its prompt's strip (all varying axes share it)."""
+        if not self.several:
+            return 0
         for name in self.several:
             at = self.position(name, row.get(name))
             if at is not None:
                 return at
-        return 0
+        return MAX_SIDE  # past the recorded values of a long axis: off the strip
 
     def may_show(self, row: dict[str, Any]) -> bool:
         """Whether a row's image can land in a sheet cell, decided before loading it."""

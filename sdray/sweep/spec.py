@@ -172,7 +172,7 @@ def _range_axis(name: str, raw: dict[str, Any]) -> Axis:
             if isinstance(number, float) and not number.is_integer():
                 raise ValueError(f"{where}.{key}: must be an integer for {name}, got {number!r}")
         start, stop, step = int(spec.start), int(spec.stop), int(spec.step)
-        size = len(range(start, stop, step))
+        size = max(0, -((start - stop) // step))  # len(range(...)), without its size limit
         if size == 0:
             raise ValueError(f"{where}: range start={start}, stop={stop}, step={step} is empty")
         _check_value(name, start, f"{where}.start")
@@ -181,12 +181,24 @@ def _range_axis(name: str, raw: dict[str, Any]) -> Axis:
             return Axis(name, 1, values=(start,))
         return Axis(name, size, start=start, step=step)
     start, stop, step = float(spec.start), float(spec.stop), float(spec.step)
-    size = max(0, math.floor((stop - start) / step - 1e-9) + 1)
+    for key, number in (("start", start), ("stop", stop), ("step", step)):
+        if not math.isfinite(number):
+            raise ValueError(f"{where}.{key}: must be a finite number, got {number!r}")
+    count = (stop - start) / step
+    if not count <= MAX_LISTED_VALUES:  # also catches an overflow to inf
+        raise ValueError(
+            f"{where}: range start={start}, stop={stop}, step={step} has more than "
+            f"{MAX_LISTED_VALUES} values; a float range may have at most that many"
+        )
+    size = max(0, math.floor(count - 1e-9) + 1)
     if size == 0:
         raise ValueError(f"{where}: range start={start}, stop={stop}, step={step} is empty")
-    if size > MAX_LISTED_VALUES:
-        raise ValueError(f"{where}: {size} values; a float range may have at most 1000000")
     values = tuple(round(start + i * step, 10) for i in range(size))
+    if len(set(values)) < size:
+        raise ValueError(
+            f"{where}.step: {step!r} is too small; values are kept to 10 decimal places, "
+            "where several of this range's values are the same"
+        )
     for value in (values[0], values[-1]):
         _check_value(name, value, where)
     return Axis(name, size, values=values)

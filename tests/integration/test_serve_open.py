@@ -81,6 +81,27 @@ def test_sigterm_while_deploying_stops_cleanly(sdray_env, tmp_path):
         server.cleanup()
 
 
+def test_a_port_in_use_is_one_line_not_a_traceback(sdray_env):
+    """With no Serve on the cluster (the module's server is gone), a taken port fails the
+    proxy's start: the user gets the reason in one line."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run(
+            [SDRAY, "serve", "--host", "127.0.0.1", "--port", str(port)],
+            env=sdray_env,
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+    assert done.returncode == 2, done.stderr[-4000:]
+    assert f"cannot listen on 127.0.0.1:{port}: the address is in use" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
 @pytest.mark.parametrize("keys", [" , ", ""])
 def test_api_keys_set_but_empty_refuse_to_start(sdray_env, keys):
     env = {**sdray_env, "SDRAY_API_KEYS": keys}

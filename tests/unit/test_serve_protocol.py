@@ -66,7 +66,8 @@ def error_of(call, *args) -> ApiError:
         (b'{"prompt": "a", "seed": "1"}', "seed", "invalid_type"),
         (b'{"prompt": "a", "guidance_scale": "7"}', "guidance_scale", "invalid_type"),
         (b'{"prompt": "a", "response_format": "png"}', "response_format", "invalid_value"),
-        (b'{"prompt": "a", "quality": "hd"}', "quality", "unknown_parameter"),
+        (b'{"prompt": "a", "qualty": "hd"}', "qualty", "unknown_parameter"),
+        (b'{"prompt": "a", "seed": ' + b"1" * 5000 + b"}", None, "invalid_json"),  # past int()
     ],
 )
 def test_bad_bodies_are_400s_naming_the_parameter(raw, param, code):
@@ -118,6 +119,14 @@ def test_defaults_come_from_the_config():
     assert request.negative_prompt == ""
     (request,) = images({"prompt": "a cat", "size": "auto"})
     assert (request.width, request.height) == (64, 64)
+
+
+def test_openai_fields_sdray_cannot_honour_are_accepted_and_ignored():
+    body = {"prompt": "a", "seed": 5, "quality": "hd", "style": "vivid", "user": "u1"}
+    strip = [(r.seed, r.steps, r.width, r.prompt) for r in images(body)]
+    assert strip == [
+        (r.seed, r.steps, r.width, r.prompt) for r in images({"prompt": "a", "seed": 5})
+    ]
 
 
 def test_images_request_expands_n_with_consecutive_seeds():

@@ -279,6 +279,16 @@ BAD_SPECS = [
         {"mode": "zip", "sheet": {"cols": "seed"}, "axes": {"seed": [1, 2]}},
         "sheet.cols: not used with mode: zip",
     ),
+    ({"axes": {"seed": {"start": 0, "stop": 10**22}}}, "axes.seed (last value): must be"),
+    ({"axes": {"guidance_scale": {"start": 0, "stop": float("inf")}}}, "stop: must be a finite"),
+    (
+        {"axes": {"guidance_scale": {"start": 0, "stop": 1e300, "step": 1e-300}}},
+        "has more than 1000000 values",
+    ),
+    (
+        {"axes": {"guidance_scale": {"start": 0, "stop": 1e-11, "step": 1e-12}}},
+        "axes.guidance_scale.step: 1e-12 is too small",
+    ),
     ({"prompts": []}, "prompts: List should have at least 1 item"),
     ({"prompts": ["ok", " "]}, "prompts[1]: is empty"),
     ({"prompts_file": "x.csv"}, "give exactly one of 'prompts' and 'prompts_file'"),
@@ -725,6 +735,24 @@ def test_images_past_the_sheet_side_are_never_loaded(tmp_path, monkeypatch):
     (sheet,), _ = run_sheet_stages(tmp_path, record, rate=0.0)
     assert len(loaded) == contact_sheets.MAX_SIDE  # seeds 32..39 are past the side
     assert sheet["values_left_out"] == 8 and len(sheet["cells"]) == contact_sheets.MAX_SIDE
+
+
+def test_a_long_listed_axis_still_places_its_first_values():
+    from sdray.sweep.contact_sheets import MAX_SIDE, SheetPlan
+    from sdray.sweep.run import sweep_record
+
+    def plan_of(sweep):
+        return SheetPlan.from_record(
+            json.loads(json.dumps(sweep_record(sweep, plan_expansion(sweep))))
+        )
+
+    seeds = list(range(1200, 0, -1))  # more values than sweep.json lists
+    plan = plan_of(spec(axes={"seed": seeds, "steps": [2, 3]}, sheet={"rows": "seed"}))
+    shown = [plan.may_show({"seed": s, "steps": 2}) for s in (1200, 1169, 1168, 1)]
+    assert shown == [True, True, False, False]  # positions 0, 31, 32 (past the side), 1199
+    plan = plan_of(spec(mode="zip", axes={"seed": seeds, "steps": list(range(1, 1201))}))
+    assert plan.zip_index({"seed": 1195, "steps": 6}) == 5
+    assert plan.zip_index({"seed": 5, "steps": 1196}) >= MAX_SIDE  # not piled into cell 0
 
 
 def test_zip_sheets_are_one_labelled_strip(tmp_path):
