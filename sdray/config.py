@@ -240,7 +240,11 @@ def config_from_dict(
 def load_config(
     path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
 ) -> SdrayConfig:
-    """Load a YAML config (default: the embedded CPU config) and apply overrides."""
+    """Load a YAML config (default: the embedded CPU config) and apply overrides.
+
+    A relative local `model.source` or `model.cache_dir` is taken from the working directory
+    here, where the user typed it, not in a Ray worker somewhere else.
+    """
     data: dict[str, Any] = {}
     if path is not None:
         from sdray.storage import open_uri
@@ -254,4 +258,12 @@ def load_config(
             raise ConfigError(f"config file {path} is not valid YAML: {error}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config file {path} must hold a mapping at the top level")
-    return config_from_dict(data, overrides)
+    config = config_from_dict(data, overrides)
+    from sdray.storage import absolute_uri
+
+    model = config.model
+    if model.source != "tiny":
+        model.source = absolute_uri(model.source)
+    if model.cache_dir is not None:
+        model.cache_dir = absolute_uri(model.cache_dir)
+    return config

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import decimal
 import hashlib
 import math
 from dataclasses import dataclass
@@ -90,7 +91,7 @@ def derive_seed(base_seed: int, row_id: str) -> int:
 
 
 def derive_id(source: str, row: int) -> str:
-    """A row's id when the table has no `id` column: its file and position in that file."""
+    """A row's id when it gives none (no `id` column, or a null id): its file and position."""
     return f"{source}:{row}"
 
 
@@ -104,7 +105,7 @@ def is_unicode_text(text: str) -> bool:
 
 
 def _as_int(value: Any) -> int | None:
-    """An integer from ints, integral floats and digit strings; None when it is not one."""
+    """An integer from ints, integral floats and integral number text; None when it is not one."""
     if isinstance(value, bool):
         return None
     if isinstance(value, int):
@@ -112,10 +113,13 @@ def _as_int(value: Any) -> int | None:
     if isinstance(value, float) and math.isfinite(value) and value.is_integer():
         return int(value)
     if isinstance(value, str):
-        try:
-            return int(value.strip())
-        except ValueError:
+        try:  # Decimal: exact, so "9007199254740993" and "20.0" never pass through a float
+            number = decimal.Decimal(value.strip())
+        except decimal.InvalidOperation:
             return None
+        if not number.is_finite() or number.adjusted() > 40:  # no row needs a 40-digit int
+            return None
+        return int(number) if number == number.to_integral_value() else None
     return None
 
 
@@ -265,9 +269,9 @@ def prepare_table(table: pa.Table, config: GenerationConfig) -> pa.Table:
         if read_errors and read_errors[index]:
             errors.append(read_errors[index])
         raw_id = row.get("id")
-        if raw_id is None or (isinstance(raw_id, str) and not raw_id):
-            if "id" in row:
-                errors.insert(0, f"id={raw_id!r}: is empty")
+        if raw_id is None or raw_id == "":
+            if raw_id == "":  # given, but empty; a null id is a missing one, derived like none
+                errors.insert(0, "id='': is empty")
             source = sources[index] if sources else "row"
             position = positions[index] if positions else index
             row_id = derive_id(source, position)

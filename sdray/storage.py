@@ -56,6 +56,14 @@ def filesystem(uri: str, storage_options: dict[str, Any] | None = None):
     return fs, path
 
 
+def absolute_uri(uri: str) -> str:
+    """A local path made absolute (Ray workers run elsewhere than the driver's working
+    directory); URIs with a protocol as they are."""
+    if "://" in uri:
+        return uri
+    return os.path.abspath(os.path.expanduser(uri))
+
+
 def open_uri(uri: str, mode: str = "rb", storage_options: dict[str, Any] | None = None):
     """Open a URI for reading or writing."""
     fs, path = filesystem(uri, storage_options)

@@ -19,13 +19,26 @@ from typing import Any
 
 from sdray.batch.lease import LEASE, output_lease
 from sdray.batch.read import read_prompts
-from sdray.batch.sink import IMAGES_DIR, METADATA_DIR, ImageDatasink, remove_uncommitted
+from sdray.batch.sink import (
+    IMAGES_DIR,
+    METADATA_DIR,
+    ImageDatasink,
+    partitioning_record,
+    remove_uncommitted,
+)
 from sdray.batch.stages import EncodeStage, ErrorBudgetExceeded, GenerateStage, PrepareStage
 from sdray.config import SdrayConfig
 from sdray.errors import InputError, SdrayError
 from sdray.models import model_identity
 from sdray.requests import BATCH_KEY_COLUMN
-from sdray.storage import filesystem, is_nonempty, join, read_json, write_bytes_atomic
+from sdray.storage import (
+    absolute_uri,
+    filesystem,
+    is_nonempty,
+    join,
+    read_json,
+    write_bytes_atomic,
+)
 
 log = logging.getLogger(__name__)
 
@@ -91,10 +104,29 @@ def fingerprint_parts(config: SdrayConfig, model: dict[str, str]) -> dict[str, A
     by content, see `plan_job`, so an output and its input can move.)"""
     return {
         "model": model["sha256"],
-        "dtype": config.model.dtype,
+        "dtype": resolved_dtype(config),
         "generation": config.generation.model_dump(mode="json"),
         "output": config.output.model_dump(mode="json", exclude={"rows_per_shard"}),
     }
+
+
+def resolved_device(config: SdrayConfig) -> str:
+    """`model.device` as the model actors will run: `auto` is cuda where the cluster has GPUs."""
+    device = config.model.device
+    if device == "auto":
+        import ray
+
+        ensure_ray()
+        device = "cuda" if ray.cluster_resources().get("GPU", 0) > 0 else "cpu"
+    return device
+
+
+def resolved_dtype(config: SdrayConfig) -> str:
+    """`model.dtype` as the model actors will load it (auto: float16 on cuda, else float32), so
+    a run begun in float32 on CPU is not resumed in float16 once GPUs joined."""
+    if config.model.dtype != "auto":
+        return config.model.dtype
+    return "float16" if resolved_device(config) == "cuda" else "float32"
 
 
 def fingerprint(parts: dict[str, Any]) -> str:
@@ -110,6 +142,12 @@ def _changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list
         elif a != b:
             changes.append(f"{prefix}{key}: {a!r} -> {b!r}")
     return changes
+
+
+def _previous_partitioning(previous: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """A resumed run's earlier partition types, as shard stats (it may write no shard itself)."""
+    columns = ((previous or {}).get("partitioning") or {}).get("columns", [])
+    return [{"partition_types": {c["name"]: c["type"] for c in columns}}]
 
 
 def _redacted(config: SdrayConfig) -> dict[str, Any]:
@@ -265,9 +303,7 @@ def actor_resources(config: SdrayConfig) -> dict[str, float]:
     import ray
 
     gpus = ray.cluster_resources().get("GPU", 0)
-    device = config.model.device
-    if device == "auto":
-        device = "cuda" if gpus > 0 else "cpu"
+    device = resolved_device(config)
     retries = config.batch.max_actor_restarts
     bounded = {"max_restarts": retries, "max_task_retries": retries}
     if device == "cuda":
@@ -421,6 +457,7 @@ def run_generate(
     actor class; only benchmarks of the bookkeeping swap it for a stand-in. The run holds the
     output's lease throughout (see `sdray.batch.lease`), so a second run cannot join it.
     """
+    input_uri, output_uri = absolute_uri(input_uri), absolute_uri(output_uri)
     with output_lease(output_uri, config.storage.storage_options, command="generate"):
         return _run_generate(
             input_uri,
@@ -579,6 +616,9 @@ def _run_generate(
         finished=datetime.now(timezone.utc).isoformat(),
         counts={"rows": ok + errors, "ok": ok, "error": errors, "generated_this_run": generated},
         shards=len(sink.shards),
+        partitioning=partitioning_record(
+            config.output.partition_by, [*sink.shards, *_previous_partitioning(previous)]
+        ),
         timings={
             "plan_s": round(plan_seconds, 3),
             "generate_s": round(generate_seconds, 3),

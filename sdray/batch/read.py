@@ -28,10 +28,8 @@ FORMATS = {
     ".json": "jsonl",
 }
 READ_CHUNK_ROWS = 65_536
-# Row-contract columns that hold text: read as text whatever they look like ("007" stays "007").
-TEXT_COLUMNS = ("id", "prompt", "negative_prompt", "scheduler")
 # How much of a file the driver reads to learn its column types (Parquet: the footer; CSV: the
-# first block, as the real read infers it; JSON lines: this many lines).
+# header, every column being text; JSON lines: this many lines).
 PEEK_JSON_LINES = 1000
 PEEK_THREADS = 16
 
@@ -158,34 +156,37 @@ def _unicode_row(row: dict[str, Any]) -> dict[str, Any]:
     return fixed
 
 
-def _csv_options():
+def _csv_options(names: Iterable[str] = ()):
     """How every CSV is converted, by the peek and the real read alike.
 
-    Only an empty field means "not given": "NA", "null" or "None" are text like any other. The
-    row contract's text columns stay text whatever they look like ("007" is not 7); the other
-    columns keep Arrow's inference, so numbers stay numbers.
+    CSV has no types, so every column (`names`, the header's) is read as the text the file
+    holds: carried columns ride through unchanged ("02139" stays "02139"), and the row
+    contract's numbers are parsed per row by validation, exactly (a seed is never rounded
+    through a float) and with a row error naming a value that is not one. Only an empty field
+    means "not given": "NA", "null" or "None" are text like any other.
     """
     from pyarrow import csv
 
     return csv.ConvertOptions(
         null_values=[""],
         strings_can_be_null=True,
-        column_types={name: pa.string() for name in TEXT_COLUMNS},
+        column_types={name: pa.string() for name in names},
     )
+
+
+def _csv_names(source) -> list[str]:
+    """The header of a CSV (a buffer or an open file), read from its first block only."""
+    from pyarrow import csv
+
+    return csv.open_csv(source, convert_options=_csv_options()).schema.names
 
 
 def _csv_table(handle, uri: str) -> pa.Table:
     from pyarrow import csv
 
     data = handle.read()
-    options = _csv_options()
-    try:
-        return csv.read_csv(pa.BufferReader(data), convert_options=options)
-    except pa.ArrowInvalid:
-        # Types that change part-way through the file: read everything as text instead.
-        header = csv.open_csv(pa.BufferReader(data), convert_options=options).schema.names
-        options.column_types = {name: pa.string() for name in header}
-        return csv.read_csv(pa.BufferReader(data), convert_options=options)
+    options = _csv_options(_csv_names(pa.BufferReader(data)))
+    return csv.read_csv(pa.BufferReader(data), convert_options=options)
 
 
 def read_prompt_file(
@@ -232,9 +233,7 @@ def peek_schema(file: dict[str, str], storage_options: dict[str, Any] | None = N
 
                 return pq.read_schema(handle)
             if file["format"] == "csv":
-                from pyarrow import csv
-
-                return csv.open_csv(handle, convert_options=_csv_options()).schema
+                return pa.schema([(name, pa.string()) for name in _csv_names(handle)])
             text = io.TextIOWrapper(handle, encoding="utf-8")
             return _jsonl_table(text, file["uri"], max_lines=PEEK_JSON_LINES).schema
     except (pa.ArrowInvalid, UnicodeDecodeError) as error:

@@ -148,6 +148,51 @@ def _partition_dir(columns: list[str], values: tuple) -> str:
     return "".join(p + "/" for p in parts)
 
 
+def _arrow_type(name: str) -> pa.DataType:
+    try:
+        return pa.type_for_alias(name)
+    except ValueError:
+        return pa.string()
+
+
+def read_metadata(
+    output_uri: str,
+    storage_options: dict[str, Any] | None = None,
+    columns: list[str] | None = None,
+) -> pa.Table:
+    """Every metadata row of an output as one Arrow table, partition columns included with the
+    types they had when written (`manifest.json` records them: a Hive path says only "5")."""
+    import pyarrow.dataset as ds
+
+    fs, root = filesystem(output_uri, storage_options)
+    with fs.open(join(root, "manifest.json"), "rb") as handle:
+        manifest = json.loads(handle.read())
+    fields = [
+        pa.field(c["name"], _arrow_type(c["type"]))
+        for c in manifest.get("partitioning", {}).get("columns", [])
+    ]
+    dataset = ds.dataset(
+        join(root, METADATA_DIR),
+        filesystem=fs,
+        format="parquet",
+        partitioning=ds.partitioning(pa.schema(fields), flavor="hive") if fields else None,
+    )
+    return dataset.to_table(columns=columns)
+
+
+def partitioning_record(partition_by: list[str], shards: list[dict[str, Any]]) -> dict:
+    """The manifest's record of how metadata is partitioned, with each column's Arrow type."""
+    types: dict[str, str] = {}
+    for shard in shards:
+        for name, kind in shard.get("partition_types", {}).items():
+            if kind != "null":
+                types.setdefault(name, kind)
+    return {
+        "flavor": "hive",
+        "columns": [{"name": c, "type": types.get(c, "string")} for c in partition_by],
+    }
+
+
 def remove_uncommitted(fs, root: str, partition_depth: int, images: str) -> int:
     """Delete what a killed run wrote for shards it never committed; return how many entries.
 
@@ -248,6 +293,8 @@ class ImageDatasink(Datasink):
             "rows": len(rows),
             "ok": sum(s == "ok" for s in status),
             "error": sum(s != "ok" for s in status),
+            # Hive paths lose the partition columns' types; the manifest keeps them.
+            "partition_types": {c: str(chunk.schema.field(c).type) for c in self.partition_by},
         }
 
     def on_write_complete(self, write_result) -> None:

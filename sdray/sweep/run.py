@@ -127,7 +127,9 @@ def run_sweep(
     would, then draw the contact sheets and write the gallery page (holding the output's lease
     throughout, as `run_generate` does)."""
     from sdray.batch.lease import output_lease
+    from sdray.storage import absolute_uri
 
+    output_uri = absolute_uri(output_uri)
     with output_lease(output_uri, config.storage.storage_options, command="sweep"):
         return _run_sweep(
             spec_path, output_uri, config, overwrite=overwrite, resume=resume, progress=progress

@@ -135,9 +135,10 @@ def test_sigkill_then_resume(tmp_path, sdray_env):
     )
     assert refused.returncode != 0 and "--resume" in refused.stderr
 
-    resumed = subprocess.run(
-        [SDRAY, "generate", "--input", str(source), "--output", str(output), "--resume", *JOB],
+    resumed = subprocess.run(  # with paths relative to where the user is, as typed at a shell
+        [SDRAY, "generate", "--input", source.name, "--output", output.name, "--resume", *JOB],
         env=sdray_env,
+        cwd=tmp_path,
         capture_output=True,
         text=True,
         timeout=400,

@@ -341,3 +341,29 @@ def test_an_output_in_use_by_a_live_run_is_refused(s3fs_client, s3_env):
     # The lease is created by a conditional put: of two runs racing for it, one loses.
     with pytest.raises(FileExistsError):
         lease._create(s3fs_client, f"{prefix}/out/{lease.LEASE}", b"{}")
+
+
+def test_partition_columns_read_back_with_their_types(tmp_path, sdray_env):
+    from sdray.batch import read_metadata
+
+    source = tmp_path / "p.csv"
+    source.write_text(
+        "id,prompt,seed,zip\na,a fox,9007199254740993,042\nb,a cat,5,042\nc,a dog,5,\n"
+    )
+    output = tmp_path / "out"
+    result = run_cli(
+        ["generate", "--input", str(source), "--output", str(output), *FAST]
+        + ["--set", "output.partition_by=[seed, zip]"],
+        sdray_env,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    manifest = json.loads((output / "manifest.json").read_text())
+    assert manifest["partitioning"]["columns"] == [
+        {"name": "seed", "type": "int64"},
+        {"name": "zip", "type": "string"},
+    ]
+    table = read_metadata(str(output))
+    assert table.schema.field("seed").type == pa.int64()
+    rows = {r["id"]: r for r in table.to_pylist()}
+    assert rows["a"]["seed"] == 9007199254740993 and rows["a"]["zip"] == "042"
+    assert rows["c"]["zip"] is None and {r["status"] for r in rows.values()} == {"ok"}

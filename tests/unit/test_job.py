@@ -108,3 +108,30 @@ def test_actor_deaths_and_local_errors():
     assert _unwrap(plain) is plain
     budget = ErrorBudgetExceeded("too many")
     assert _unwrap(budget) is budget
+
+
+def test_the_fingerprint_records_the_precision_actors_load():
+    from sdray.batch.job import fingerprint_parts
+    from sdray.config import config_from_dict
+
+    model = {"sha256": "m"}
+
+    def dtype(**fields):
+        return fingerprint_parts(config_from_dict({"model": fields}), model)["dtype"]
+
+    assert dtype(device="cpu") == dtype(device="cpu", dtype="float32") == "float32"
+    assert dtype(device="cuda") == dtype(device="cuda", dtype="float16") == "float16"
+    assert dtype(device="cuda", dtype="bfloat16") == "bfloat16"
+
+
+def test_relative_local_paths_are_taken_from_where_the_user_is(tmp_path, monkeypatch):
+    from sdray.config import load_config
+    from sdray.storage import absolute_uri
+
+    monkeypatch.chdir(tmp_path)
+    config = load_config(None, ["model.source=models/sd", "model.cache_dir=cache"])
+    assert config.model.source == str(tmp_path / "models" / "sd")
+    assert config.model.cache_dir == str(tmp_path / "cache")
+    assert load_config(None, []).model.source == "tiny"
+    assert absolute_uri("out") == str(tmp_path / "out")
+    assert absolute_uri("s3://bucket/out") == "s3://bucket/out"

@@ -53,8 +53,7 @@ def test_csv_text_columns_are_read_as_written():
         "7,456,null,None,64,,null\n"
         "None,,,,,,\n"
     )
-    assert table.schema.field("width").type == pa.int64()
-    assert table.schema.field("guidance_scale").type == pa.float64()
+    assert set(table.schema.types) == {pa.string()}  # CSV has no types: text as written
     rows = table.to_pylist()
     assert [r["id"] for r in rows] == ["007", "7", "None"]
     assert [r["prompt"] for r in rows] == ["123", "456", None]
@@ -64,9 +63,25 @@ def test_csv_text_columns_are_read_as_written():
     prepared = {r["id"]: r for r in prepare_table(table, CONFIG).to_pylist()}
     assert set(prepared) == {"007", "7", "None"}
     assert prepared["007"]["status"] == "ok" and prepared["007"]["prompt"] == "123"
+    assert (prepared["007"]["width"], prepared["007"]["guidance_scale"]) == (64, 7.5)
     assert prepared["007"]["negative_prompt"] == "NA"
     assert "scheduler='None'" in prepared["7"]["error"]
     assert prepared["None"]["error"] == "prompt=None: is null"
+
+
+def test_csv_numbers_are_parsed_exactly_and_carried_columns_ride_through_as_written():
+    table = _csv(
+        "id,prompt,seed,steps,zip,score\n"
+        "a,x,9007199254740993,20.0,02139,1.50\n"
+        "b,x,1.5,2,00501,2\n"
+        "c,x,9223372036854775807,3,,1e3\n"
+    )
+    rows = {r["id"]: r for r in prepare_table(table, CONFIG).to_pylist()}
+    assert rows["a"]["seed"] == 9007199254740993 and rows["a"]["steps"] == 20  # no float trip
+    assert rows["b"]["status"] == "error" and rows["b"]["error"].startswith("seed='1.5'")
+    assert rows["c"]["seed"] == 2**63 - 1 and rows["c"]["status"] == "ok"
+    assert [rows[k]["zip"] for k in "abc"] == ["02139", "00501", None]
+    assert [rows[k]["score"] for k in "abc"] == ["1.50", "2", "1e3"]
 
 
 def test_csv_peek_infers_what_the_read_infers(tmp_path):
@@ -136,7 +151,7 @@ def test_files_that_disagree_on_types_make_one_table(tmp_path):
     _mixed_directory(tmp_path)
     table = _read_all(tmp_path)
     assert table.schema.field("tag").type == pa.string()
-    assert table.schema.field("score").type == pa.float64()
+    assert table.schema.field("score").type == pa.string()  # CSV's is text
     rows = {r["id"]: r for r in prepare_table(table, CONFIG).to_pylist()}
     assert {k: r["tag"] for k, r in rows.items()} == {
         "a1": "1",

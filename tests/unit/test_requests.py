@@ -115,10 +115,14 @@ def test_prepare_table_explicit_ids_and_seeds():
     assert out.column("seed").to_pylist() == [5, derive_seed(CONFIG.seed, "11")]
 
 
-def test_null_id_is_an_error_row():
-    out = prepare_table(_table(id=["a", None], prompt=["x", "y"]), CONFIG)
-    assert out.column("status").to_pylist() == ["ok", "error"]
-    assert "id=None" in out.column("error").to_pylist()[1]
+def test_null_id_is_derived_and_an_empty_one_is_an_error_row():
+    table = _table(id=["a", None, ""], prompt=["x", "y", "z"])
+    table = table.append_column(ROW_COLUMN, pa.array([0, 1, 2], pa.int64()))
+    table = table.append_column(SOURCE_COLUMN, pa.array(["t.jsonl"] * 3))
+    out = prepare_table(table, CONFIG)
+    assert out.column("id").to_pylist() == ["a", "t.jsonl:1", "t.jsonl:2"]
+    assert out.column("status").to_pylist() == ["ok", "ok", "error"]
+    assert out.column("error").to_pylist()[2] == "id='': is empty"
 
 
 def test_missing_prompt_column_is_refused():
