@@ -124,6 +124,8 @@ def output_lease(
             "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "heartbeat": time.time(),
         }
+        if is_local(fs) and os.path.isfile(root):
+            raise SdrayError(f"output {output_uri!r} is a file; give a directory")
         created_root = is_local(fs) and not os.path.exists(root)
         _acquire(fs, path, record, output_uri)
         stop = threading.Event()

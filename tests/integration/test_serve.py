@@ -123,6 +123,8 @@ def test_openai_client_works_unchanged(server):
         n=2,
         size="64x64",
         response_format="b64_json",
+        quality="standard",  # OpenAI-only settings are accepted and ignored
+        style="vivid",
         extra_body={"seed": 1, "steps": 2},
     )
     assert len(result.data) == 2
@@ -269,7 +271,7 @@ BAD_REQUESTS = [
     (IMAGES, {"prompt": "a", "seed": -1}, 400, "seed", "invalid_value"),
     (IMAGES, {"prompt": "a", "seed": 2**63}, 400, "seed", "invalid_value"),
     (IMAGES, {"prompt": "a", "response_format": "url"}, 400, "response_format", "invalid_value"),
-    (IMAGES, {"prompt": "a", "style": "vivid"}, 400, "style", "unknown_parameter"),
+    (IMAGES, {"prompt": "a", "stlye": "vivid"}, 400, "stlye", "unknown_parameter"),
     (IMAGES, {"prompt": "a", "model": "gpt-image-1"}, 404, "model", "model_not_found"),
     (ONE, b"{", 400, None, "invalid_json"),
     (ONE, {"seed": 1}, 400, "prompt", "missing_parameter"),

@@ -91,3 +91,10 @@ def test_the_heartbeat_renews_the_lease(tmp_path, monkeypatch):
         while json.loads((output / LEASE).read_text())["heartbeat"] == first:
             assert time.monotonic() < deadline, "the lease was never renewed"
             time.sleep(0.05)
+
+
+def test_an_output_that_is_a_file_is_named(tmp_path):
+    (tmp_path / "out").write_text("x")
+    with pytest.raises(lease.SdrayError, match="is a file; give a directory"):
+        with output_lease(str(tmp_path / "out")):
+            pass
