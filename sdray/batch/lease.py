@@ -4,8 +4,9 @@ Two runs writing one output (a second `--resume` started while the first still r
 write some rows twice. A run therefore creates `OUTPUT/.sdray-lease.json` exclusively before it
 touches anything (local disk: O_EXCL; S3: a conditional put), renews it every
 `HEARTBEAT_SECONDS`, and deletes it when done. A lease left by a run that died is taken over:
-at once when its process was on this host and is gone, else once its heartbeat is older than
-`STALE_AFTER_SECONDS`.
+at once when its process was on this host and is gone; from another host, the new run watches
+the lease and takes it once its heartbeat is older than `STALE_AFTER_SECONDS` (a holder that
+renews it meanwhile is alive, and the new run is refused).
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ def is_live(record: dict[str, Any], now: float | None = None) -> bool:
     """Whether the run that wrote this lease record may still be running."""
     now = time.time() if now is None else now
     fresh = now - float(record.get("heartbeat", 0)) < STALE_AFTER_SECONDS
-    if record.get("host") == socket.gethostname() and isinstance(record.get("pid"), int):
+    if _on_this_host(record):
         return fresh and _pid_alive(record["pid"])
     return fresh
 
@@ -149,12 +150,37 @@ def output_lease(
             _held.discard(key)
 
 
+def _on_this_host(record: dict[str, Any]) -> bool:
+    return record.get("host") == socket.gethostname() and isinstance(record.get("pid"), int)
+
+
+def _still_renewed(fs, path: str, current: dict[str, Any]) -> bool:
+    """Watch a fresh lease from another host until its holder renews it (True: alive) or it goes
+    stale (False). A resubmitted job whose driver just died elsewhere then takes over, without
+    anyone deleting the lease by hand."""
+    log.warning(
+        "output held by %s; waiting up to %.0fs to see whether that run is alive",
+        _describe(current, time.time()),
+        STALE_AFTER_SECONDS,
+    )
+    while is_live(current):
+        time.sleep(min(5.0, HEARTBEAT_SECONDS / 3))
+        latest = _read(fs, path)
+        if latest is None:
+            return False
+        if latest.get("run") != current.get("run") or latest.get("heartbeat") != current.get(
+            "heartbeat"
+        ):
+            return True
+    return False
+
+
 def _acquire(fs, path: str, record: dict[str, Any], output_uri: str) -> None:
     for _ in range(3):
         current = _read(fs, path)
         if current is not None:
-            if is_live(current):
-                raise _refusal(output_uri, current)
+            if is_live(current) and (_on_this_host(current) or _still_renewed(fs, path, current)):
+                raise _refusal(output_uri, _read(fs, path) or current)
             log.warning(
                 "taking over the lease of a run that is gone: %s", _describe(current, time.time())
             )

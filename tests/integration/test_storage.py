@@ -311,36 +311,41 @@ def test_resume_on_s3_removes_what_was_never_committed(s3fs_client, s3_env):
 
 
 def test_an_output_in_use_by_a_live_run_is_refused(s3fs_client, s3_env):
+    """A run on another host that keeps renewing its lease holds the output."""
+    import threading
     import time
 
     from sdray.batch import lease
 
     prefix = f"{BUCKET}/in-use"
     put_table(s3fs_client, f"{prefix}/prompts.parquet", prompts_table(2))
-    held = {
-        "run": "r1",
-        "command": "generate",
-        "host": "elsewhere",
-        "pid": 7,
-        "heartbeat": time.time(),
-    }
-    s3fs_client.pipe_file(f"{prefix}/out/{lease.LEASE}", json.dumps(held).encode())
-    args = [
-        "generate",
-        "--input",
-        f"s3://{prefix}/prompts.parquet",
-        "--output",
-        f"s3://{prefix}/out",
-    ]
-    result = run_cli([*args, "--resume", *FAST], s3_env)
+    lease_path = f"{prefix}/out/{lease.LEASE}"
+    stop = threading.Event()
+
+    def hold():  # the other run's heartbeat
+        while True:
+            held = {"run": "r1", "command": "generate", "host": "elsewhere", "pid": 7}
+            s3fs_client.pipe_file(
+                lease_path, json.dumps({**held, "heartbeat": time.time()}).encode()
+            )
+            if stop.wait(1.0):
+                return
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        args = ["generate", "--input", f"s3://{prefix}/prompts.parquet"]
+        result = run_cli([*args, "--output", f"s3://{prefix}/out", "--resume", *FAST], s3_env)
+    finally:
+        stop.set()
+        holder.join(timeout=30)
     assert result.returncode == 2, result.stderr
-    assert (
-        "is in use by another sdray run r1" in result.stderr and "host elsewhere" in result.stderr
-    )
-    assert s3fs_client.ls(f"{prefix}/out", detail=False) == [f"{prefix}/out/{lease.LEASE}"]
+    assert "is in use by another sdray run r1" in result.stderr
+    assert "host elsewhere" in result.stderr
+    assert s3fs_client.ls(f"{prefix}/out", detail=False) == [lease_path]
     # The lease is created by a conditional put: of two runs racing for it, one loses.
     with pytest.raises(FileExistsError):
-        lease._create(s3fs_client, f"{prefix}/out/{lease.LEASE}", b"{}")
+        lease._create(s3fs_client, lease_path, b"{}")
 
 
 def test_partition_columns_read_back_with_their_types(tmp_path, sdray_env):

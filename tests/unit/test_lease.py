@@ -61,15 +61,36 @@ def test_a_live_run_holding_the_output_refuses_a_second(tmp_path, live_process):
     assert json.loads((output / LEASE).read_text())["run"] == "other"  # untouched
 
 
-def test_a_run_on_another_host_is_live_until_its_heartbeat_is_stale(tmp_path):
+def test_a_lease_from_another_host_is_taken_once_stale_unless_renewed(tmp_path, monkeypatch):
+    import threading
+
+    monkeypatch.setattr(lease, "STALE_AFTER_SECONDS", 1.0)
+    monkeypatch.setattr(lease, "HEARTBEAT_SECONDS", 0.3)
     output = tmp_path / "out"
+    # Its driver died elsewhere (a resubmitted job): the lease is watched, then taken over.
     _write_lease(output, host="elsewhere", pid=123)
-    with pytest.raises(OutputInUse, match="host elsewhere"):
-        with output_lease(str(output)):
-            pass
-    _write_lease(output, host="elsewhere", heartbeat=time.time() - lease.STALE_AFTER_SECONDS - 1)
+    started = time.monotonic()
     with output_lease(str(output)):
         assert json.loads((output / LEASE).read_text())["run"] != "other"
+    assert time.monotonic() - started >= 0.5
+
+    # Its holder is alive and renews it: refused, however long ago the run started.
+    stop = threading.Event()
+
+    def renew():
+        while not stop.wait(0.1):
+            _write_lease(output, host="elsewhere", pid=123)
+
+    _write_lease(output, host="elsewhere", pid=123)
+    renewer = threading.Thread(target=renew)
+    renewer.start()
+    try:
+        with pytest.raises(OutputInUse, match="host elsewhere"):
+            with output_lease(str(output)):
+                pass
+    finally:
+        stop.set()
+        renewer.join(timeout=10)
 
 
 def test_the_lease_of_a_dead_process_on_this_host_is_taken_over_at_once(tmp_path):
