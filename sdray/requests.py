@@ -104,7 +104,7 @@ def is_unicode_text(text: str) -> bool:
     return True
 
 
-def _as_int(value: Any) -> int | None:
+def as_int(value: Any) -> int | None:
     """An integer from ints, integral floats and integral number text; None when it is not one."""
     if isinstance(value, bool):
         return None
@@ -174,7 +174,7 @@ def validate_row(row: dict[str, Any], config: GenerationConfig) -> tuple[dict[st
         if value is None:
             out[field] = getattr(config, field)
             continue
-        number = _as_int(value)
+        number = as_int(value)
         if number is None:
             bad(field, value, "must be an integer")
         elif not 1 <= number <= limit:
@@ -187,7 +187,7 @@ def validate_row(row: dict[str, Any], config: GenerationConfig) -> tuple[dict[st
         if value is None:
             out[field] = getattr(config, field)
             continue
-        number = _as_int(value)
+        number = as_int(value)
         if number is None or number <= 0 or number % 8:
             bad(field, value, "must be a positive multiple of 8")
         elif number > limit:
@@ -217,7 +217,7 @@ def validate_row(row: dict[str, Any], config: GenerationConfig) -> tuple[dict[st
     if seed is None:
         out["seed"] = None  # derived from the id by the caller
     else:
-        number = _as_int(seed)
+        number = as_int(seed)
         if number is None or not 0 <= number < SEED_LIMIT:
             bad("seed", seed, "must be an integer in [0, 2^63)")
         else:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -219,7 +220,10 @@ def clear_output(
 
 
 def _check_resumable(previous: dict[str, Any], parts: dict[str, Any], output_uri: str) -> None:
-    old = previous.get("fingerprint_parts") or {}
+    old = dict(previous.get("fingerprint_parts") or {})
+    if old.get("dtype") == "auto":  # an output written when the manifest kept dtype unresolved
+        device = ((previous.get("config") or {}).get("model") or {}).get("device")
+        old["dtype"] = {"cpu": "float32", "cuda": "float16"}.get(device, parts["dtype"])
     changes = _changes(old, parts)
     if changes:
         raise SdrayError(
@@ -285,6 +289,8 @@ def _unwrap(error: BaseException) -> BaseException:
         if isinstance(current, SdrayError) and not isinstance(current, RayError):
             return current
         if isinstance(current, ActorDiedError):
+            if "error raised in its creation task" in str(current):  # the model actor's __init__
+                return _remote_cause(str(current)) or SdrayError(f"the job failed: {current}")
             return SdrayError(
                 "model actors kept dying (batch.max_actor_restarts exhausted): a crash in "
                 "native code, or the node ran out of memory; the Ray logs say which. "
@@ -450,15 +456,22 @@ def run_generate(
     extra_owned: tuple[str, ...] = (),
     keep: tuple[str, ...] = (),
     generate_stage: type = GenerateStage,
+    hold_lease: bool = True,
 ) -> JobSummary:
     """Run an offline generation job end to end; the CLI, pipelines/ and sweeps all call this.
 
     `extra_owned`/`keep`: see `prepare_output` and `clear_output`. `generate_stage` is the model
     actor class; only benchmarks of the bookkeeping swap it for a stand-in. The run holds the
-    output's lease throughout (see `sdray.batch.lease`), so a second run cannot join it.
+    output's lease throughout (see `sdray.batch.lease`), so a second run cannot join it;
+    `hold_lease=False` only for a caller that holds it already (a sweep).
     """
     input_uri, output_uri = absolute_uri(input_uri), absolute_uri(output_uri)
-    with output_lease(output_uri, config.storage.storage_options, command="generate"):
+    lease = (
+        output_lease(output_uri, config.storage.storage_options, command="generate")
+        if hold_lease
+        else contextlib.nullcontext()
+    )
+    with lease:
         return _run_generate(
             input_uri,
             output_uri,

@@ -1,12 +1,14 @@
 """One run per output: a lease object, renewed while a run lives, that a second run respects.
 
 Two runs writing one output (a second `--resume` started while the first still runs) would
-write some rows twice. A run therefore creates `OUTPUT/.sdray-lease.json` exclusively before it
-touches anything (local disk: O_EXCL; S3: a conditional put), renews it every
-`HEARTBEAT_SECONDS`, and deletes it when done. A lease left by a run that died is taken over:
-at once when its process was on this host and is gone; from another host, the new run watches
-the lease and takes it once its heartbeat is older than `STALE_AFTER_SECONDS` (a holder that
-renews it meanwhile is alive, and the new run is refused).
+write some rows twice. A run therefore creates `OUTPUT/.sdray-lease.json` before it touches
+anything, renews it every `HEARTBEAT_SECONDS`, and deletes it when done. Every change to the
+lease is a compare-and-swap (see `_LeaseStore`), so of two runs racing for it exactly one wins.
+
+A lease left by a run that died is taken over: at once when its process ran on this machine
+(same host, boot and process namespace) and is gone; from elsewhere, once this process has
+watched it go `STALE_AFTER_SECONDS` without renewal (by its own clock: the machines' clocks may
+disagree), or at once when its last heartbeat is older than `ABANDONED_AFTER_SECONDS`.
 """
 
 from __future__ import annotations
@@ -20,86 +22,253 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from sdray.errors import SdrayError
-from sdray.storage import filesystem, is_local, join, with_retries, write_bytes_atomic
+from sdray.storage import filesystem, is_local, join, with_retries
 
 log = logging.getLogger(__name__)
 
 LEASE = ".sdray-lease.json"
 HEARTBEAT_SECONDS = 15.0
 STALE_AFTER_SECONDS = 90.0
-
-_held: set[str] = set()  # outputs this process holds (a sweep's job runs inside its lease)
-_held_lock = threading.Lock()
+ABANDONED_AFTER_SECONDS = 3600.0
 
 
 class OutputInUse(SdrayError):
     """Another live run holds the output."""
 
 
-def _pid_alive(pid: int) -> bool:
+class LeaseLost(Exception):
+    """A compare-and-swap found another lease than the one expected."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Where the lease lives: compare-and-swap on local disk, S3, or (best effort) any other store.
+
+
+def _link_new(path: str, data: bytes) -> None:
+    """Create `path` holding `data`, atomically and only if it does not exist (FileExistsError).
+
+    A hard link of a complete temporary file: readers never see it half-written, and the link
+    fails if the lease exists, also from another machine on a shared filesystem. Filesystems
+    without hard links get an exclusive create instead.
+    """
+    directory = os.path.dirname(path)
+    os.makedirs(directory, exist_ok=True)
+    tmp = os.path.join(directory, f".{uuid.uuid4().hex}.lease.tmp")
+    with open(tmp, "wb") as handle:
+        handle.write(data)
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise
+    except OSError:  # no hard links here (some FUSE and SMB mounts)
+        with open(path, "xb") as handle:
+            handle.write(data)
+    finally:
+        os.unlink(tmp)
+
+
+class _LeaseStore:
+    """Reads and compare-and-swap writes of one lease object.
+
+    A lease is identified by its version: its bytes (local, generic) or its ETag (S3).
+    `create` fails if any lease exists; `replace` and `delete` fail unless the lease is still
+    the version given. Local disk: an exclusive hard link, and a per-machine file lock around
+    read-compare-write. S3: conditional requests (If-None-Match / If-Match). Other stores:
+    read, compare, write (not atomic; a race there is caught at the next renewal).
+    """
+
+    def __init__(self, fs, path: str) -> None:
+        self.fs, self.path = fs, path
+        self.s3 = "s3" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
+
+    @contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        """Local disk: one process of this machine at a time (the lock lives in the temporary
+        directory, keyed by the lease's path, so outputs hold no lock files)."""
+        if not is_local(self.fs):
+            yield
+            return
+        import hashlib
+        import tempfile
+
+        from filelock import FileLock
+
+        locks = Path(tempfile.gettempdir()) / "sdray-leases"
+        locks.mkdir(exist_ok=True)
+        name = hashlib.sha256(os.path.abspath(self.path).encode()).hexdigest()[:32]
+        with FileLock(str(locks / f"{name}.lock"), timeout=60):
+            yield
+
+    def read(self) -> tuple[dict[str, Any] | None, Any]:
+        """(record, version); (None, None) when there is no lease. Unreadable text is {}."""
+        if self.s3:
+            from fsspec.asyn import sync
+
+            try:
+                data, version = with_retries(
+                    lambda: sync(self.fs.loop, self._get_object), f"reading {self.path}"
+                )
+            except FileNotFoundError:
+                return None, None
+        else:
+            try:
+                data = with_retries(lambda: self.fs.cat_file(self.path), f"reading {self.path}")
+            except FileNotFoundError:
+                return None, None
+            version = data
+        try:
+            record = json.loads(data)
+        except ValueError:
+            record = {}
+        return (record if isinstance(record, dict) else {}), version
+
+    def create(self, record: dict[str, Any]) -> Any:
+        """Write the lease if there is none (else FileExistsError); return its version."""
+        data = json.dumps(record).encode()
+        if self.s3:
+            return self._put(data, IfNoneMatch="*")
+        if not is_local(self.fs):
+            self.fs.pipe_file(self.path, data, mode="create")  # fsspec: exists, then write
+            return data
+        with self._exclusive():
+            _link_new(self.path, data)
+        return data
+
+    def replace(self, record: dict[str, Any], version: Any) -> Any:
+        """Overwrite the lease if it is still `version` (else LeaseLost); return the new one."""
+        data = json.dumps(record).encode()
+        if self.s3:
+            return self._put(data, IfMatch=version)
+        with self._exclusive():
+            if self.read()[1] != version:
+                raise LeaseLost(self.path)
+            self._write(data)
+        return data
+
+    def delete(self, version: Any) -> None:
+        """Remove the lease if it is still `version`; leave anyone else's alone."""
+        with self._exclusive():
+            if self.read()[1] == version:  # S3 has no conditional delete on every bucket kind
+                self.fs.rm(self.path)
+
+    def _write(self, data: bytes) -> None:
+        from sdray.storage import write_bytes_atomic
+
+        write_bytes_atomic(self.fs, self.path, data)
+
+    async def _get_object(self) -> tuple[bytes, str]:
+        """The lease's bytes and their ETag, from one GET (never two versions mixed)."""
+        bucket, key, _ = self.fs.split_path(self.path)
+        reply = await self.fs._call_s3("get_object", Bucket=bucket, Key=key)
+        async with reply["Body"] as body:
+            return await body.read(), reply["ETag"]
+
+    def _put(self, data: bytes, **condition: str) -> str:
+        bucket, key, _ = self.fs.split_path(self.path)
+        try:
+            reply = self.fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, **condition)
+        except (FileExistsError, OSError) as error:
+            # 412 Precondition Failed (s3fs: FileExistsError or EINVAL), 409 a racing write.
+            raise (FileExistsError if "IfNoneMatch" in condition else LeaseLost)(
+                self.path
+            ) from error
+        return reply["ETag"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Who holds it, and whether they are alive.
+
+
+def _read_text(path: str) -> str | None:
+    try:
+        return Path(path).read_text().strip()
+    except OSError:
+        return None
+
+
+def _start_time(pid: int) -> str | None:
+    """A process's start time (Linux), which tells a live holder from a reused pid."""
+    stat = _read_text(f"/proc/{pid}/stat")
+    return stat.rsplit(")", 1)[1].split()[19] if stat else None
+
+
+def _machine() -> dict[str, Any]:
+    """What makes a pid meaningful: host name, boot, and process namespace."""
+    try:
+        namespace = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        namespace = None
+    return {
+        "host": socket.gethostname(),
+        "boot": _read_text("/proc/sys/kernel/random/boot_id"),
+        "pid_namespace": namespace,
+    }
+
+
+def _on_this_machine(record: dict[str, Any]) -> bool:
+    here = _machine()
+    return isinstance(record.get("pid"), int) and all(record.get(k) == v for k, v in here.items())
+
+
+def _holder_gone(record: dict[str, Any]) -> bool:
+    """On this machine: whether the holding process has exited (or its pid was reused)."""
+    pid = record["pid"]
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
-        return False
+        return True
     except PermissionError:
-        return True  # alive, owned by another user
-    return True
+        pass  # alive, owned by another user
+    started = record.get("pid_start")
+    return started is not None and _start_time(pid) not in (None, started)
 
 
-def is_live(record: dict[str, Any], now: float | None = None) -> bool:
-    """Whether the run that wrote this lease record may still be running."""
-    now = time.time() if now is None else now
-    fresh = now - float(record.get("heartbeat", 0)) < STALE_AFTER_SECONDS
-    if _on_this_host(record):
-        return fresh and _pid_alive(record["pid"])
-    return fresh
+def _age(record: dict[str, Any]) -> float:
+    return time.time() - float(record.get("heartbeat", 0))
 
 
-def _read(fs, path: str) -> dict[str, Any] | None:
-    try:
-        record = json.loads(with_retries(lambda: fs.cat_file(path), f"reading {path}"))
-    except FileNotFoundError:
-        return None
-    except ValueError:
-        return {}  # unreadable: a lease torn by a crash on a store without atomic puts; stale
-    return record if isinstance(record, dict) else {}
-
-
-def _create(fs, path: str, data: bytes) -> None:
-    """Write `path` only if it does not exist; FileExistsError otherwise."""
-    if is_local(fs):
-        directory = os.path.dirname(path)
-        os.makedirs(directory, exist_ok=True)
-        tmp = os.path.join(directory, f".{uuid.uuid4().hex}.lease.tmp")
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-        try:
-            os.link(tmp, path)  # atomic, and fails when the lease exists: never seen half-written
-        finally:
-            os.unlink(tmp)
-    else:
-        fs.pipe_file(path, data, mode="create")  # s3fs: a conditional put (If-None-Match)
-
-
-def _describe(record: dict[str, Any], now: float) -> str:
-    age = now - float(record.get("heartbeat", 0))
+def _describe(record: dict[str, Any]) -> str:
     return (
         f"run {record.get('run', '?')} ({record.get('command', 'sdray')}) on host "
         f"{record.get('host', '?')}, pid {record.get('pid', '?')}, started "
-        f"{record.get('started', '?')}, last heartbeat {age:.0f}s ago"
+        f"{record.get('started', '?')}, last heartbeat {_age(record):.0f}s ago"
     )
 
 
 def _refusal(output_uri: str, record: dict[str, Any]) -> OutputInUse:
     return OutputInUse(
-        f"output {output_uri!r} is in use by another sdray {_describe(record, time.time())}. "
-        "Two runs on one output would write rows twice: wait for it to finish, or give this "
-        f"run another --output. A lease whose run died expires {STALE_AFTER_SECONDS:.0f}s after "
-        f"its last heartbeat (at once on the host it ran on); it is {LEASE} in the output."
+        f"output {output_uri!r} is in use by another sdray {_describe(record)}. Two runs on "
+        "one output would write rows twice: wait for it to finish, or give this run another "
+        f"--output. The lease of a run that died is taken over at once on its machine, and "
+        f"elsewhere after {STALE_AFTER_SECONDS:.0f}s without renewal; it is {LEASE} in the output."
     )
+
+
+def _alive(store: _LeaseStore, record: dict[str, Any], version: Any) -> bool:
+    """Whether the holder of this lease lives; may watch it for up to STALE_AFTER_SECONDS."""
+    if _on_this_machine(record):
+        return not _holder_gone(record)
+    if not record or _age(record) > ABANDONED_AFTER_SECONDS:
+        return False
+    log.warning(
+        "output held by %s; watching for up to %.0fs whether that run still renews it",
+        _describe(record),
+        STALE_AFTER_SECONDS,
+    )
+    deadline = time.monotonic() + STALE_AFTER_SECONDS
+    while time.monotonic() < deadline:
+        time.sleep(min(5.0, HEARTBEAT_SECONDS / 3))
+        if store.read()[1] != version:
+            return True  # renewed, released or taken: not ours to take now
+    return False
+
+
+# ---------------------------------------------------------------------------------------------
+# Holding it.
 
 
 @contextmanager
@@ -108,115 +277,85 @@ def output_lease(
 ) -> Iterator[None]:
     """Hold `output_uri` for the duration of the block; refuse it while another run holds it."""
     fs, root = filesystem(output_uri, storage_options)
-    path = join(root, LEASE)
-    key = f"{fs.protocol}:{path}"
-    with _held_lock:
-        nested = key in _held
-        _held.add(key)
-    if nested:
-        yield
-        return
+    if is_local(fs) and os.path.isfile(root):
+        raise SdrayError(f"output {output_uri!r} is a file; give a directory")
+    created_root = is_local(fs) and not os.path.exists(root)
+    store = _LeaseStore(fs, join(root, LEASE))
     try:
-        record = {
-            "run": uuid.uuid4().hex[:12],
-            "command": command,
-            "host": socket.gethostname(),
-            "pid": os.getpid(),
-            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "heartbeat": time.time(),
-        }
-        if is_local(fs) and os.path.isfile(root):
-            raise SdrayError(f"output {output_uri!r} is a file; give a directory")
-        created_root = is_local(fs) and not os.path.exists(root)
-        _acquire(fs, path, record, output_uri)
-        stop = threading.Event()
-        renewer = threading.Thread(
-            target=_renew, args=(fs, path, record, stop), name="sdray-lease", daemon=True
-        )
-        renewer.start()
+        holder = _Holder(store, command)
+        holder.acquire(output_uri)
         try:
             yield
         finally:
-            stop.set()
-            renewer.join(timeout=HEARTBEAT_SECONDS)
-            _release(fs, path, record)
-            if created_root:  # a run refused before writing leaves no empty output behind
-                try:
-                    os.rmdir(root)
-                except OSError:
-                    pass  # it holds what the run wrote
+            holder.release()
     finally:
-        with _held_lock:
-            _held.discard(key)
-
-
-def _on_this_host(record: dict[str, Any]) -> bool:
-    return record.get("host") == socket.gethostname() and isinstance(record.get("pid"), int)
-
-
-def _still_renewed(fs, path: str, current: dict[str, Any]) -> bool:
-    """Watch a fresh lease from another host until its holder renews it (True: alive) or it goes
-    stale (False). A resubmitted job whose driver just died elsewhere then takes over, without
-    anyone deleting the lease by hand."""
-    log.warning(
-        "output held by %s; waiting up to %.0fs to see whether that run is alive",
-        _describe(current, time.time()),
-        STALE_AFTER_SECONDS,
-    )
-    while is_live(current):
-        time.sleep(min(5.0, HEARTBEAT_SECONDS / 3))
-        latest = _read(fs, path)
-        if latest is None:
-            return False
-        if latest.get("run") != current.get("run") or latest.get("heartbeat") != current.get(
-            "heartbeat"
-        ):
-            return True
-    return False
-
-
-def _acquire(fs, path: str, record: dict[str, Any], output_uri: str) -> None:
-    for _ in range(3):
-        current = _read(fs, path)
-        if current is not None:
-            if is_live(current) and (_on_this_host(current) or _still_renewed(fs, path, current)):
-                raise _refusal(output_uri, _read(fs, path) or current)
-            log.warning(
-                "taking over the lease of a run that is gone: %s", _describe(current, time.time())
-            )
+        if created_root:  # a run refused before writing leaves no empty output behind
             try:
-                fs.rm(path)
-            except FileNotFoundError:
-                pass
-        try:
-            _create(fs, path, json.dumps(record).encode())
+                os.rmdir(root)
+            except OSError:
+                pass  # it holds what the run wrote
+
+
+class _Holder:
+    """This run's lease: acquired, renewed by a thread, released; all by compare-and-swap."""
+
+    def __init__(self, store: _LeaseStore, command: str) -> None:
+        self.store = store
+        self.record = {
+            "run": uuid.uuid4().hex[:12],
+            "command": command,
+            **_machine(),
+            "pid": os.getpid(),
+            "pid_start": _start_time(os.getpid()),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        self.version: Any = None
+        self._lock = threading.Lock()  # renewal and release never interleave
+        self._stop = threading.Event()
+        self._renewer = threading.Thread(target=self._renew, name="sdray-lease", daemon=True)
+
+    def acquire(self, output_uri: str) -> None:
+        for _ in range(5):
+            current, version = self.store.read()
+            try:
+                self.record["heartbeat"] = time.time()  # fresh when written, however long we waited
+                if current is None:
+                    self.version = self.store.create(self.record)
+                elif _alive(self.store, current, version):
+                    raise _refusal(output_uri, self.store.read()[0] or current)
+                else:
+                    log.warning(
+                        "taking over the lease of a run that is gone: %s", _describe(current)
+                    )
+                    self.record["heartbeat"] = time.time()
+                    self.version = self.store.replace(self.record, version)
+            except (FileExistsError, LeaseLost):
+                continue  # another run changed it first: look again
+            self._renewer.start()
             return
-        except FileExistsError:
-            continue  # another run got there first: look at its lease
-    current = _read(fs, path) or {}
-    raise _refusal(output_uri, current)
+        raise _refusal(output_uri, self.store.read()[0] or {})
 
+    def _renew(self) -> None:
+        while not self._stop.wait(HEARTBEAT_SECONDS):
+            with self._lock:
+                if self._stop.is_set():
+                    return
+                try:
+                    self.record["heartbeat"] = time.time()
+                    self.version = self.store.replace(self.record, self.version)
+                except LeaseLost:
+                    log.error(
+                        "this run's lease on the output was taken by %s; stop one of the runs",
+                        _describe(self.store.read()[0] or {}),
+                    )
+                    return
+                except Exception as error:  # noqa: BLE001 - a missed heartbeat is retried
+                    log.warning("could not renew the output lease: %s", error)
 
-def _renew(fs, path: str, record: dict[str, Any], stop: threading.Event) -> None:
-    while not stop.wait(HEARTBEAT_SECONDS):
-        try:
-            current = _read(fs, path)
-            if current is not None and current.get("run") != record["run"]:
-                log.error(
-                    "this run's lease on the output was taken over by %s; stop one of them",
-                    _describe(current, time.time()),
-                )
-                return
-            record["heartbeat"] = time.time()
-            write_bytes_atomic(fs, path, json.dumps(record).encode())  # never seen half-written
-        except Exception as error:  # noqa: BLE001 - a missed heartbeat is retried next time
-            log.warning("could not renew the output lease: %s", error)
-
-
-def _release(fs, path: str, record: dict[str, Any]) -> None:
-    try:
-        current = _read(fs, path)
-        if current is not None and current.get("run") == record["run"]:
-            fs.rm(path)
-    except Exception as error:  # noqa: BLE001 - an expired lease is harmless
-        log.warning("could not remove the output lease %s: %s", path, error)
+    def release(self) -> None:
+        with self._lock:
+            self._stop.set()
+            try:
+                self.store.delete(self.version)
+            except Exception as error:  # noqa: BLE001 - an expired lease is harmless
+                log.warning("could not remove the output lease %s: %s", self.store.path, error)

@@ -112,7 +112,7 @@ def _jsonl_table(handle, uri: str, max_lines: int | None = None) -> pa.Table:
             continue
         try:
             row = json.loads(line)
-        except json.JSONDecodeError as error:
+        except ValueError as error:  # JSONDecodeError, or an integer of over 4300 digits
             raise InputError(f"{uri}: line {number} is not valid JSON ({error})") from None
         if not isinstance(row, dict):
             raise InputError(f"{uri}: line {number} is not a JSON object")

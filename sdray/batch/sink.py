@@ -167,15 +167,16 @@ def read_metadata(
     fs, root = filesystem(output_uri, storage_options)
     with fs.open(join(root, "manifest.json"), "rb") as handle:
         manifest = json.loads(handle.read())
-    fields = [
-        pa.field(c["name"], _arrow_type(c["type"]))
-        for c in manifest.get("partitioning", {}).get("columns", [])
-    ]
+    if "partitioning" in manifest:
+        fields = [
+            pa.field(c["name"], _arrow_type(c["type"])) for c in manifest["partitioning"]["columns"]
+        ]
+        partitioning = ds.partitioning(pa.schema(fields), flavor="hive") if fields else None
+    else:  # written before manifests kept the types: infer them from the paths
+        partitioned = manifest.get("config", {}).get("output", {}).get("partition_by")
+        partitioning = "hive" if partitioned else None
     dataset = ds.dataset(
-        join(root, METADATA_DIR),
-        filesystem=fs,
-        format="parquet",
-        partitioning=ds.partitioning(pa.schema(fields), flavor="hive") if fields else None,
+        join(root, METADATA_DIR), filesystem=fs, format="parquet", partitioning=partitioning
     )
     return dataset.to_table(columns=columns)
 

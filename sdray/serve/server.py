@@ -166,16 +166,17 @@ def _start_proxy(serve: Any, options: dict[str, Any], *, probe: bool) -> None:
     proxy's own failure, logged at length.
     """
     if probe and not os.environ.get("RAY_ADDRESS", "").startswith("ray://"):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
-            try:
-                probe.bind((options["host"], options["port"]))
-            except OSError as error:
-                if error.errno == errno.EADDRINUSE:
-                    raise _port_in_use(options) from None
-                raise SdrayError(
-                    f"cannot listen on {options['host']}:{options['port']}: {error.strerror}"
-                ) from None
+        try:
+            family, kind, _, _, address = socket.getaddrinfo(
+                options["host"], options["port"], type=socket.SOCK_STREAM
+            )[0]
+            with socket.socket(family, kind) as trial:
+                trial.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+                trial.bind(address)
+        except OSError as error:
+            if error.errno == errno.EADDRINUSE:
+                raise _port_in_use(options) from None
+            # Anything else (an address this machine lacks...) is the proxy's to report.
     try:
         serve.start(http_options=options)
     except Exception as error:

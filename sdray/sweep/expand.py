@@ -98,6 +98,21 @@ def _prompt_keys_of(ids: pa.Array | pa.ChunkedArray | None, index: np.ndarray) -
     return pc.if_else(pc.fill_null(missing, True), positional, text)
 
 
+def _seeds(column: pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
+    """A prompts_file's seeds as int64, parsed as `sdray generate` parses them (CSV is text)."""
+    from sdray.requests import as_int
+
+    if pa.types.is_integer(column.type) or pa.types.is_null(column.type):
+        return column.cast(pa.int64())
+    seeds = []
+    for value in column.to_pylist():
+        seed = None if value is None else as_int(value)
+        if value is not None and (seed is None or not 0 <= seed < 2**63):
+            raise SweepSpecError(f"prompts_file: seed={value!r}: must be an integer in [0, 2^63)")
+        seeds.append(seed)
+    return pa.array(seeds, pa.int64())
+
+
 def _as_text_schema(schema: pa.Schema, text_columns: list[str]) -> pa.Schema:
     return pa.schema(
         [pa.field(f.name, pa.string()) if f.name in text_columns else f for f in schema]
@@ -245,12 +260,7 @@ class PromptSource:
             }
             offset += chunk.num_rows
             if self.spec.derives_seeds and "seed" in chunk.column_names:
-                try:
-                    columns["seed"] = chunk.column("seed").cast(pa.int64())
-                except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as error:
-                    raise SweepSpecError(
-                        f"prompts_file: column 'seed' must hold integers: {error}"
-                    ) from None
+                columns["seed"] = _seeds(chunk.column("seed"))
             for item in carried:
                 if item.name in chunk.column_names:
                     columns[item.name] = chunk.column(item.name).cast(item.type)

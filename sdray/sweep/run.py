@@ -193,6 +193,7 @@ def _run_sweep(
         keep=(SWEEP_TABLE, SWEEP_RECORD),
         progress=progress,
         extra_owned=SWEEP_OWNED,
+        hold_lease=False,  # run_sweep holds it
     )
     say("drawing contact sheets and gallery thumbnails")
     views = write_contact_sheets(output_uri, record, storage_options=storage)

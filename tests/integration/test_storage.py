@@ -343,9 +343,17 @@ def test_an_output_in_use_by_a_live_run_is_refused(s3fs_client, s3_env):
     assert "is in use by another sdray run r1" in result.stderr
     assert "host elsewhere" in result.stderr
     assert s3fs_client.ls(f"{prefix}/out", detail=False) == [lease_path]
-    # The lease is created by a conditional put: of two runs racing for it, one loses.
+    # Every change to the lease is a conditional request: of two runs racing, one loses.
+    store = lease._LeaseStore(s3fs_client, lease_path)
+    record, version = store.read()
+    assert record["run"] == "r1"
     with pytest.raises(FileExistsError):
-        lease._create(s3fs_client, lease_path, b"{}")
+        store.create({"run": "r2"})
+    store.replace({"run": "r2"}, version)
+    with pytest.raises(lease.LeaseLost):
+        store.replace({"run": "r3"}, version)
+    store.delete(version)  # a stale version deletes nothing
+    assert store.read()[0] == {"run": "r2"}
 
 
 def test_partition_columns_read_back_with_their_types(tmp_path, sdray_env):

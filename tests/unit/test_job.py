@@ -8,7 +8,7 @@ from fsspec.implementations.local import LocalFileSystem
 from sdray.batch.job import _unwrap
 from sdray.batch.sink import remove_uncommitted
 from sdray.batch.stages import ErrorBudgetExceeded
-from sdray.errors import SdrayError
+from sdray.errors import ModelError, SdrayError
 
 
 def touch(root: Path, *paths: str) -> None:
@@ -110,6 +110,19 @@ def test_actor_deaths_and_local_errors():
     assert _unwrap(budget) is budget
 
 
+def test_a_model_actor_whose_init_raised_reports_why():
+    from ray.exceptions import ActorDiedError, RayTaskError
+
+    text = REMOTE_TRACEBACK.format(
+        root="sdray.errors.ModelError: model '/m' changed while the job was running"
+    )
+    died = ActorDiedError(RayTaskError("MapWorker.__init__", text, RuntimeError("init")))
+    assert "error raised in its creation task" in str(died)  # as Ray words it
+    failure = _unwrap(died)
+    assert type(failure) is ModelError
+    assert str(failure) == "model '/m' changed while the job was running"
+
+
 def test_the_fingerprint_records_the_precision_actors_load():
     from sdray.batch.job import fingerprint_parts
     from sdray.config import config_from_dict
@@ -135,3 +148,16 @@ def test_relative_local_paths_are_taken_from_where_the_user_is(tmp_path, monkeyp
     assert load_config(None, []).model.source == "tiny"
     assert absolute_uri("out") == str(tmp_path / "out")
     assert absolute_uri("s3://bucket/out") == "s3://bucket/out"
+
+
+def test_outputs_that_recorded_dtype_auto_still_resume():
+    from sdray.batch.job import _check_resumable, fingerprint_parts
+    from sdray.config import config_from_dict
+
+    parts = fingerprint_parts(config_from_dict({"model": {"device": "cpu"}}), {"sha256": "m"})
+    old = {**parts, "dtype": "auto"}
+    _check_resumable({"fingerprint_parts": old, "config": {"model": {"device": "cpu"}}}, parts, "o")
+    with pytest.raises(SdrayError, match="dtype: 'float16' -> 'float32'"):
+        _check_resumable(
+            {"fingerprint_parts": old, "config": {"model": {"device": "cuda"}}}, parts, "o"
+        )

@@ -1,32 +1,46 @@
-"""The output lease: one live run per output; leases of dead runs are taken over."""
+"""The output lease: one live run per output; leases of dead runs are taken over, by one run."""
 
 from __future__ import annotations
 
 import json
-import socket
+import multiprocessing
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
+from fsspec.implementations.local import LocalFileSystem
 
 from sdray.batch import lease
-from sdray.batch.lease import LEASE, OutputInUse, is_live, output_lease
+from sdray.batch.lease import LEASE, OutputInUse, _LeaseStore, _machine, output_lease
+from sdray.errors import SdrayError
 
 
-def _write_lease(output, **fields):
-    output.mkdir(parents=True, exist_ok=True)
-    record = {
+def _record(**fields):
+    return {
         "run": "other",
         "command": "generate",
-        "host": socket.gethostname(),
+        **_machine(),
         "pid": 1,
         "started": "2026-01-01T00:00:00Z",
         "heartbeat": time.time(),
         **fields,
     }
-    (output / LEASE).write_text(json.dumps(record))
-    return record
+
+
+def _write_lease(output, **fields) -> None:
+    """Another run's lease, written as a run writes it (atomically)."""
+    from sdray.storage import write_bytes_atomic
+
+    output.mkdir(parents=True, exist_ok=True)
+    write_bytes_atomic(
+        LocalFileSystem(), str(output / LEASE), json.dumps(_record(**fields)).encode()
+    )
+
+
+def _lease_of(output) -> dict:
+    return json.loads((output / LEASE).read_text())
 
 
 @pytest.fixture
@@ -39,18 +53,22 @@ def live_process():
         process.wait(timeout=10)
 
 
+@pytest.fixture
+def quick(monkeypatch):
+    """Leases renewed every 0.1 s and watched for 1 s."""
+    monkeypatch.setattr(lease, "STALE_AFTER_SECONDS", 1.0)
+    monkeypatch.setattr(lease, "HEARTBEAT_SECONDS", 0.1)
+
+
 def test_lease_is_held_during_the_block_and_removed_after(tmp_path):
     output = tmp_path / "out"
     with output_lease(str(output), command="generate"):
-        record = json.loads((output / LEASE).read_text())
-        assert record["command"] == "generate" and is_live(record)
-        with output_lease(str(output)):  # the same process nests (a sweep's job)
-            pass
-        assert (output / LEASE).exists()
+        record = _lease_of(output)
+        assert record["command"] == "generate" and record["pid"] > 1
     assert not output.exists()  # nothing was written: no empty output left behind
 
 
-def test_a_live_run_holding_the_output_refuses_a_second(tmp_path, live_process):
+def test_a_live_run_on_this_machine_refuses_a_second(tmp_path, live_process):
     output = tmp_path / "out"
     _write_lease(output, pid=live_process)
     with pytest.raises(
@@ -58,30 +76,54 @@ def test_a_live_run_holding_the_output_refuses_a_second(tmp_path, live_process):
     ):
         with output_lease(str(output)):
             pass
-    assert json.loads((output / LEASE).read_text())["run"] == "other"  # untouched
+    assert _lease_of(output)["run"] == "other"  # untouched
 
 
-def test_a_lease_from_another_host_is_taken_once_stale_unless_renewed(tmp_path, monkeypatch):
-    import threading
-
-    monkeypatch.setattr(lease, "STALE_AFTER_SECONDS", 1.0)
-    monkeypatch.setattr(lease, "HEARTBEAT_SECONDS", 0.3)
+def test_the_lease_of_a_dead_process_on_this_machine_is_taken_over_at_once(tmp_path):
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait(timeout=30)
     output = tmp_path / "out"
-    # Its driver died elsewhere (a resubmitted job): the lease is watched, then taken over.
-    _write_lease(output, host="elsewhere", pid=123)
+    _write_lease(output, pid=process.pid)
     started = time.monotonic()
     with output_lease(str(output)):
-        assert json.loads((output / LEASE).read_text())["run"] != "other"
-    assert time.monotonic() - started >= 0.5
+        taken = _lease_of(output)
+        assert taken["pid"] != process.pid
+        assert time.time() - taken["heartbeat"] < 5  # fresh, not stamped before the takeover
+    assert time.monotonic() - started < 5
+    assert not (output / LEASE).exists()
 
-    # Its holder is alive and renews it: refused, however long ago the run started.
+
+def test_a_reused_pid_does_not_keep_a_dead_lease_alive(tmp_path, live_process):
+    output = tmp_path / "out"
+    _write_lease(output, pid=live_process, pid_start="1")  # the pid now names another process
+    with output_lease(str(output)):
+        assert _lease_of(output)["run"] != "other"
+
+
+def test_a_lease_from_elsewhere_is_taken_once_unrenewed_for_a_while(tmp_path, quick):
+    output = tmp_path / "out"
+    _write_lease(output, host="elsewhere", pid=123)  # its driver died on another machine
+    started = time.monotonic()
+    with output_lease(str(output)):
+        assert _lease_of(output)["run"] != "other"
+        assert time.time() - _lease_of(output)["heartbeat"] < 5  # fresh after the watch
+    assert time.monotonic() - started >= 1.0  # watched, by this process's own clock
+    _write_lease(output, host="elsewhere", heartbeat=time.time() - 2 * 3600)
+    started = time.monotonic()
+    with output_lease(str(output)):  # abandoned long ago: taken at once
+        pass
+    assert time.monotonic() - started < 1.0
+
+
+def test_a_lease_from_elsewhere_that_is_renewed_is_refused(tmp_path, quick):
+    output = tmp_path / "out"
     stop = threading.Event()
 
     def renew():
-        while not stop.wait(0.1):
+        while not stop.wait(0.05):
             _write_lease(output, host="elsewhere", pid=123)
 
-    _write_lease(output, host="elsewhere", pid=123)
+    _write_lease(output, host="elsewhere", pid=123, heartbeat=time.time() + 3600)  # clock ahead
     renewer = threading.Thread(target=renew)
     renewer.start()
     try:
@@ -93,29 +135,73 @@ def test_a_lease_from_another_host_is_taken_once_stale_unless_renewed(tmp_path, 
         renewer.join(timeout=10)
 
 
-def test_the_lease_of_a_dead_process_on_this_host_is_taken_over_at_once(tmp_path):
+def test_the_heartbeat_renews_the_lease_and_release_is_final(tmp_path, quick):
+    output = tmp_path / "out"
+    with output_lease(str(output)):
+        first = _lease_of(output)["heartbeat"]
+        deadline = time.monotonic() + 10
+        while _lease_of(output)["heartbeat"] == first:
+            assert time.monotonic() < deadline, "the lease was never renewed"
+            time.sleep(0.05)
+    time.sleep(0.3)  # a renewal in flight at release must not bring the lease back
+    assert not (output / LEASE).exists()
+
+
+def test_compare_and_swap_on_local_disk(tmp_path):
+    store = _LeaseStore(LocalFileSystem(), str(tmp_path / LEASE))
+    version = store.create({"run": "a"})
+    with pytest.raises(FileExistsError):
+        store.create({"run": "b"})
+    newer = store.replace({"run": "a2"}, version)
+    with pytest.raises(lease.LeaseLost):
+        store.replace({"run": "c"}, version)
+    store.delete(version)  # not the current version: left alone
+    assert store.read()[0] == {"run": "a2"}
+    store.delete(newer)
+    assert store.read() == (None, None)
+
+
+def _take_over(output: str, results) -> None:
+    try:
+        with output_lease(output):
+            time.sleep(3.0)  # longer than the other run takes to start and try
+            results.put("held")
+    except OutputInUse:
+        results.put("refused")
+
+
+def test_of_two_runs_taking_over_a_dead_lease_one_wins(tmp_path):
     process = subprocess.Popen([sys.executable, "-c", "pass"])
     process.wait(timeout=30)
     output = tmp_path / "out"
     _write_lease(output, pid=process.pid)
-    with output_lease(str(output)):
-        assert json.loads((output / LEASE).read_text())["pid"] != process.pid
-    assert not (output / LEASE).exists()
-
-
-def test_the_heartbeat_renews_the_lease(tmp_path, monkeypatch):
-    monkeypatch.setattr(lease, "HEARTBEAT_SECONDS", 0.05)
-    output = tmp_path / "out"
-    with output_lease(str(output)):
-        first = json.loads((output / LEASE).read_text())["heartbeat"]
-        deadline = time.monotonic() + 10
-        while json.loads((output / LEASE).read_text())["heartbeat"] == first:
-            assert time.monotonic() < deadline, "the lease was never renewed"
-            time.sleep(0.05)
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    runs = [context.Process(target=_take_over, args=(str(output), results)) for _ in range(2)]
+    for run in runs:
+        run.start()
+    for run in runs:
+        run.join(timeout=60)
+    assert sorted(results.get(timeout=10) for _ in runs) == ["held", "refused"]
 
 
 def test_an_output_that_is_a_file_is_named(tmp_path):
     (tmp_path / "out").write_text("x")
-    with pytest.raises(lease.SdrayError, match="is a file; give a directory"):
+    with pytest.raises(SdrayError, match="is a file; give a directory"):
         with output_lease(str(tmp_path / "out")):
             pass
+
+
+def test_other_fsspec_stores_hold_leases_too():
+    import uuid
+
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    root = f"/lease-{uuid.uuid4().hex}/out"
+    with output_lease(f"memory://{root}"):
+        assert json.loads(fs.cat(f"{root}/{LEASE}"))["pid"] > 1
+        with pytest.raises(OutputInUse):
+            with output_lease(f"memory://{root}"):
+                pass
+    assert not fs.exists(f"{root}/{LEASE}")

@@ -439,6 +439,12 @@ def test_prompts_file_ids_key_the_seeds_and_its_seed_column_wins(tmp_path):
     rows = expand(sweep, base_seed=3)
     assert [r["seed"] for r in rows] == [derive_seed(3, "fox")] * 2 + [42, 42]
     assert "seed" in plan_expansion(sweep).schema().names
+    # CSV is text: seeds parse as `sdray generate` parses them, or are refused by value.
+    (tmp_path / "p.csv").write_text("prompt,seed\na,42.0\nb, 7\nc,1e3\n")
+    assert [r["seed"] for r in expand(sweep)] == [42, 42, 7, 7, 1000, 1000]
+    (tmp_path / "p.csv").write_text("prompt,seed\na,1.5\n")
+    with pytest.raises(SweepSpecError, match=r"prompts_file: seed='1.5': must be an integer"):
+        expand(sweep)
 
 
 def test_prompts_file_null_ids_fall_back_to_positions(tmp_path):
