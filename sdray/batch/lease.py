@@ -317,6 +317,10 @@ class _Holder:
     def acquire(self, output_uri: str) -> None:
         for _ in range(5):
             current, version = self.store.read()
+            if current is not None and current.get("run") == self.record["run"]:
+                self.version = version  # our write landed, though its reply was an error
+                self._renewer.start()
+                return
             try:
                 self.record["heartbeat"] = time.time()  # fresh when written, however long we waited
                 if current is None:
@@ -344,9 +348,13 @@ class _Holder:
                     self.record["heartbeat"] = time.time()
                     self.version = self.store.replace(self.record, self.version)
                 except LeaseLost:
+                    current, version = self.store.read()
+                    if current is not None and current.get("run") == self.record["run"]:
+                        self.version = version  # a failed reply, not another run: go on
+                        continue
                     log.error(
                         "this run's lease on the output was taken by %s; stop one of the runs",
-                        _describe(self.store.read()[0] or {}),
+                        _describe(current or {}),
                     )
                     return
                 except Exception as error:  # noqa: BLE001 - a missed heartbeat is retried
