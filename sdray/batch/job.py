@@ -164,7 +164,14 @@ def output_entries(fs, root: str) -> list[str]:
     if fs.isfile(root):
         return [root.rsplit("/", 1)[-1]]
     names = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)]
-    return [name for name in names if name != LEASE]
+    return [name for name in names if not _is_lease_file(name)]
+
+
+def _is_lease_file(name: str) -> bool:
+    """The lease, or a temporary file of one that a killed run left (see sdray.batch.lease)."""
+    return name == LEASE or (
+        name.endswith(".tmp") and (LEASE in name or name.endswith(".lease.tmp"))
+    )
 
 
 def prepare_output(

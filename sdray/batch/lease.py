@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import socket
 import threading
 import time
@@ -98,8 +99,13 @@ class _LeaseStore:
         from filelock import FileLock
 
         locks = Path(tempfile.gettempdir()) / "sdray-leases"
-        locks.mkdir(exist_ok=True)
-        name = hashlib.sha256(os.path.abspath(self.path).encode()).hexdigest()[:32]
+        if not locks.is_dir():
+            locks.mkdir(exist_ok=True)
+            try:
+                locks.chmod(0o1777)  # shared by every user of the machine, as /tmp is
+            except OSError:
+                pass
+        name = hashlib.sha256(os.path.realpath(self.path).encode()).hexdigest()[:32]
         with FileLock(str(locks / f"{name}.lock"), timeout=60):
             yield
 
@@ -171,12 +177,25 @@ class _LeaseStore:
         bucket, key, _ = self.fs.split_path(self.path)
         try:
             reply = self.fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, **condition)
-        except (FileExistsError, OSError) as error:
-            # 412 Precondition Failed (s3fs: FileExistsError or EINVAL), 409 a racing write.
+        except OSError as error:  # s3fs turns every S3 error into an OSError subclass
+            if not _lost_condition(error):
+                raise  # throttling, a network fault, access denied: not another run
             raise (FileExistsError if "IfNoneMatch" in condition else LeaseLost)(
                 self.path
             ) from error
         return reply["ETag"]
+
+
+def _lost_condition(error: BaseException) -> bool:
+    """Whether an S3 error says the condition failed: 412 Precondition Failed, or 409 when a
+    racing conditional write is in flight."""
+    seen: BaseException | None = error
+    while seen is not None:
+        code = (getattr(seen, "response", None) or {}).get("Error", {}).get("Code")
+        if code in ("PreconditionFailed", "ConditionalRequestConflict", "412", "409"):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -210,6 +229,10 @@ def _machine() -> dict[str, Any]:
 
 
 def _on_this_machine(record: dict[str, Any]) -> bool:
+    """Whether the record's pid names a process here (Linux and macOS; elsewhere every holder
+    is watched as if remote)."""
+    if os.name != "posix":
+        return False
     here = _machine()
     return isinstance(record.get("pid"), int) and all(record.get(k) == v for k, v in here.items())
 
@@ -223,12 +246,18 @@ def _holder_gone(record: dict[str, Any]) -> bool:
         return True
     except PermissionError:
         pass  # alive, owned by another user
+    stat = _read_text(f"/proc/{pid}/stat")
+    if stat and stat.rsplit(")", 1)[1].split()[0] == "Z":
+        return True  # exited, not yet reaped by its parent
     started = record.get("pid_start")
     return started is not None and _start_time(pid) not in (None, started)
 
 
 def _age(record: dict[str, Any]) -> float:
-    return time.time() - float(record.get("heartbeat", 0))
+    try:
+        return time.time() - float(record.get("heartbeat", 0))
+    except (TypeError, ValueError):
+        return float("inf")  # not a lease sdray wrote: abandoned
 
 
 def _describe(record: dict[str, Any]) -> str:
@@ -248,8 +277,9 @@ def _refusal(output_uri: str, record: dict[str, Any]) -> OutputInUse:
     )
 
 
-def _alive(store: _LeaseStore, record: dict[str, Any], version: Any) -> bool:
-    """Whether the holder of this lease lives; may watch it for up to STALE_AFTER_SECONDS."""
+def _alive(store: _LeaseStore, record: dict[str, Any], version: Any) -> bool | None:
+    """Whether the holder of this lease lives; may watch it for up to STALE_AFTER_SECONDS.
+    None: the lease changed while watched (renewed, released or taken): look at it again."""
     if _on_this_machine(record):
         return not _holder_gone(record)
     if not record or _age(record) > ABANDONED_AFTER_SECONDS:
@@ -263,7 +293,7 @@ def _alive(store: _LeaseStore, record: dict[str, Any], version: Any) -> bool:
     while time.monotonic() < deadline:
         time.sleep(min(5.0, HEARTBEAT_SECONDS / 3))
         if store.read()[1] != version:
-            return True  # renewed, released or taken: not ours to take now
+            return None
     return False
 
 
@@ -322,19 +352,25 @@ class _Holder:
                 self._renewer.start()
                 return
             try:
+                alive = None if current is None else _alive(self.store, current, version)
                 self.record["heartbeat"] = time.time()  # fresh when written, however long we waited
                 if current is None:
                     self.version = self.store.create(self.record)
-                elif _alive(self.store, current, version):
-                    raise _refusal(output_uri, self.store.read()[0] or current)
+                elif alive:
+                    raise _refusal(output_uri, current)
+                elif alive is None:
+                    watched = self.store.read()[0]
+                    if watched is not None and watched.get("run") == current.get("run"):
+                        raise _refusal(output_uri, watched)  # its holder renewed it: alive
+                    continue  # released, or another run's now: look again
                 else:
                     log.warning(
                         "taking over the lease of a run that is gone: %s", _describe(current)
                     )
-                    self.record["heartbeat"] = time.time()
                     self.version = self.store.replace(self.record, version)
             except (FileExistsError, LeaseLost):
-                continue  # another run changed it first: look again
+                time.sleep(random.uniform(0.05, 0.5))  # another run changed it first
+                continue
             self._renewer.start()
             return
         raise _refusal(output_uri, self.store.read()[0] or {})
@@ -348,7 +384,11 @@ class _Holder:
                     self.record["heartbeat"] = time.time()
                     self.version = self.store.replace(self.record, self.version)
                 except LeaseLost:
-                    current, version = self.store.read()
+                    try:
+                        current, version = self.store.read()
+                    except Exception as error:  # noqa: BLE001 - try again next heartbeat
+                        log.warning("could not read the output lease: %s", error)
+                        continue
                     if current is not None and current.get("run") == self.record["run"]:
                         self.version = version  # a failed reply, not another run: go on
                         continue

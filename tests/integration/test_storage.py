@@ -354,6 +354,8 @@ def test_an_output_in_use_by_a_live_run_is_refused(s3fs_client, s3_env):
         store.replace({"run": "r3"}, version)
     store.delete(version)  # a stale version deletes nothing
     assert store.read()[0] == {"run": "r2"}
+    with pytest.raises(FileNotFoundError):  # a real S3 error is itself, not a lost race
+        lease._LeaseStore(s3fs_client, f"no-such-bucket-0/{lease.LEASE}").create({"run": "r4"})
 
 
 def test_partition_columns_read_back_with_their_types(tmp_path, sdray_env):

@@ -161,13 +161,14 @@ def test_compare_and_swap_on_local_disk(tmp_path):
     assert store.read() == (None, None)
 
 
-def _take_over(output: str, results) -> None:
+def _take_over(output: str, results, refused) -> None:
     try:
         with output_lease(output):
-            time.sleep(3.0)  # longer than the other run takes to start and try
             results.put("held")
+            refused.wait(timeout=60)  # hold it until the other run has tried
     except OutputInUse:
         results.put("refused")
+        refused.set()
 
 
 def test_of_two_runs_taking_over_a_dead_lease_one_wins(tmp_path):
@@ -176,13 +177,29 @@ def test_of_two_runs_taking_over_a_dead_lease_one_wins(tmp_path):
     output = tmp_path / "out"
     _write_lease(output, pid=process.pid)
     context = multiprocessing.get_context("spawn")
-    results = context.Queue()
-    runs = [context.Process(target=_take_over, args=(str(output), results)) for _ in range(2)]
+    results, refused = context.Queue(), context.Event()
+    runs = [
+        context.Process(target=_take_over, args=(str(output), results, refused)) for _ in range(2)
+    ]
     for run in runs:
         run.start()
     for run in runs:
-        run.join(timeout=60)
+        run.join(timeout=90)
     assert sorted(results.get(timeout=10) for _ in runs) == ["held", "refused"]
+
+
+def test_leftovers_of_a_killed_lease_write_do_not_make_an_output_non_empty(tmp_path):
+    from sdray.batch.job import output_entries
+
+    for name in (LEASE, ".0a1b.lease.tmp", f".{LEASE}.9f8e.tmp", "manifest.json"):
+        (tmp_path / name).write_text("x")
+    assert output_entries(LocalFileSystem(), str(tmp_path)) == ["manifest.json"]
+
+
+def test_a_lease_sdray_did_not_write_is_abandoned(tmp_path):
+    _write_lease(tmp_path / "out", host="elsewhere", heartbeat="2026-01-01")
+    with output_lease(str(tmp_path / "out")):
+        assert _lease_of(tmp_path / "out")["run"] != "other"
 
 
 def test_an_output_that_is_a_file_is_named(tmp_path):
@@ -205,3 +222,29 @@ def test_other_fsspec_stores_hold_leases_too():
             with output_lease(f"memory://{root}"):
                 pass
     assert not fs.exists(f"{root}/{LEASE}")
+
+
+def test_a_zombie_holder_is_gone(tmp_path):
+    process = subprocess.Popen([sys.executable, "-c", "pass"])  # exits; not reaped yet
+    deadline = time.monotonic() + 30
+    while "Z" not in open(f"/proc/{process.pid}/stat").read().rsplit(")", 1)[1][:3]:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    try:
+        _write_lease(tmp_path / "out", pid=process.pid)
+        with output_lease(str(tmp_path / "out")):
+            assert _lease_of(tmp_path / "out")["pid"] != process.pid
+    finally:
+        process.wait(timeout=10)
+
+
+def test_a_lease_released_while_watched_is_taken_not_refused(tmp_path, quick):
+    output = tmp_path / "out"
+    _write_lease(output, host="elsewhere", pid=123)
+    remover = threading.Timer(0.2, lambda: (output / LEASE).unlink())
+    remover.start()
+    try:
+        with output_lease(str(output)):
+            assert _lease_of(output)["run"] != "other"
+    finally:
+        remover.join(timeout=10)
