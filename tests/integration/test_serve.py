@@ -430,7 +430,7 @@ def test_requests_past_the_proxy_timeout_get_408(client):
     # Serve's proxy enforces the end-to-end timeout; a client may lower it for itself.
     response = client.post(
         "/v1/generate",
-        json={"prompt": "slow", "steps": 60},
+        json={"prompt": "slow", "steps": 60, "width": 256, "height": 256},  # seconds of work
         headers={"x-request-timeout-seconds": "0.2"},
     )
     assert response.status_code == 408

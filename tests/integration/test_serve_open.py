@@ -51,7 +51,9 @@ def test_replica_enforces_the_timeout_even_if_the_client_lifts_the_proxys(server
     with httpx.Client(base_url=server.url, timeout=120) as http:
         response = http.post(
             "/v1/images/generations",
-            json={"prompt": "slow", "n": 4, "size": "128x128", "steps": 60},
+            # About 5 s of work here, far past the 1 s timeout on any machine that runs CI
+            # (128x128 at 60 steps took 0.8 s on a quiet one: too close).
+            json={"prompt": "slow", "n": 4, "size": "256x256", "steps": 100},
             headers={"x-request-timeout-seconds": "600"},
         )
         assert response.status_code == 504, response.text
