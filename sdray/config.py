@@ -245,10 +245,10 @@ def load_config(
     A relative local `model.source` or `model.cache_dir` is taken from the working directory
     here, where the user typed it, not in a Ray worker somewhere else.
     """
+    from sdray.storage import absolute_uri, open_uri
+
     data: dict[str, Any] = {}
     if path is not None:
-        from sdray.storage import open_uri
-
         try:
             with open_uri(str(path), "rb") as handle:
                 data = yaml.safe_load(handle) or {}
@@ -259,8 +259,6 @@ def load_config(
         if not isinstance(data, dict):
             raise ConfigError(f"config file {path} must hold a mapping at the top level")
     config = config_from_dict(data, overrides)
-    from sdray.storage import absolute_uri
-
     model = config.model
     if model.source != "tiny":
         model.source = absolute_uri(model.source)

@@ -18,10 +18,11 @@ from datetime import datetime, timezone
 from importlib import metadata as importlib_metadata
 from typing import Any
 
-from sdray.batch.lease import LEASE, output_lease
+from sdray.batch.lease import is_lease_file, output_lease
 from sdray.batch.read import read_prompts
 from sdray.batch.sink import (
     IMAGES_DIR,
+    MANIFEST,
     METADATA_DIR,
     ImageDatasink,
     partitioning_record,
@@ -43,7 +44,6 @@ from sdray.storage import (
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
 OWNED_PATHS = (METADATA_DIR, IMAGES_DIR, MANIFEST)
 
 
@@ -145,12 +145,6 @@ def _changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list
     return changes
 
 
-def _previous_partitioning(previous: dict[str, Any] | None) -> list[dict[str, Any]]:
-    """A resumed run's earlier partition types, as shard stats (it may write no shard itself)."""
-    columns = ((previous or {}).get("partitioning") or {}).get("columns", [])
-    return [{"partition_types": {c["name"]: c["type"] for c in columns}}]
-
-
 def _redacted(config: SdrayConfig) -> dict[str, Any]:
     data = config.model_dump(mode="json")
     data["storage"]["storage_options"] = {key: "***" for key in config.storage.storage_options}
@@ -164,14 +158,7 @@ def output_entries(fs, root: str) -> list[str]:
     if fs.isfile(root):
         return [root.rsplit("/", 1)[-1]]
     names = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)]
-    return [name for name in names if not _is_lease_file(name)]
-
-
-def _is_lease_file(name: str) -> bool:
-    """The lease, or a temporary file of one that a killed run left (see sdray.batch.lease)."""
-    return name == LEASE or (
-        name.endswith(".tmp") and (LEASE in name or name.endswith(".lease.tmp"))
-    )
+    return [name for name in names if not is_lease_file(name)]
 
 
 def prepare_output(
@@ -636,9 +623,7 @@ def _run_generate(
         finished=datetime.now(timezone.utc).isoformat(),
         counts={"rows": ok + errors, "ok": ok, "error": errors, "generated_this_run": generated},
         shards=len(sink.shards),
-        partitioning=partitioning_record(
-            config.output.partition_by, [*sink.shards, *_previous_partitioning(previous)]
-        ),
+        partitioning=partitioning_record(config.output.partition_by, sink.shards, previous),
         timings={
             "plan_s": round(plan_seconds, 3),
             "generate_s": round(generate_seconds, 3),

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from sdray.errors import SdrayError
-from sdray.storage import filesystem, is_local, join, with_retries
+from sdray.storage import filesystem, is_local, join, with_retries, write_bytes_atomic
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +35,14 @@ LEASE = ".sdray-lease.json"
 HEARTBEAT_SECONDS = 15.0
 STALE_AFTER_SECONDS = 90.0
 ABANDONED_AFTER_SECONDS = 3600.0
+
+
+def is_lease_file(name: str) -> bool:
+    """The lease, or a temporary file of one that a killed run left behind (`_link_new`'s, or
+    `write_bytes_atomic`'s): none of them makes an output non-empty."""
+    return name == LEASE or (
+        name.endswith(".tmp") and (LEASE in name or name.endswith(".lease.tmp"))
+    )
 
 
 class OutputInUse(SdrayError):
@@ -162,8 +170,6 @@ class _LeaseStore:
                 self.fs.rm(self.path)
 
     def _write(self, data: bytes) -> None:
-        from sdray.storage import write_bytes_atomic
-
         write_bytes_atomic(self.fs, self.path, data)
 
     async def _get_object(self) -> tuple[bytes, str]:

@@ -21,11 +21,13 @@ from ray.data import Datasink
 from ray.data.block import Block, BlockAccessor
 
 from sdray.batch.stages import IMAGE_COLUMN
+from sdray.errors import SdrayError
 from sdray.images import EXTENSIONS
 from sdray.requests import PREPARED_SCHEMA
-from sdray.storage import filesystem, join, write_bytes_atomic
+from sdray.storage import filesystem, join, read_json, write_bytes_atomic
 
 METADATA_DIR = "metadata"
+MANIFEST = "manifest.json"
 IMAGES_DIR = "images"
 HIVE_NULL = "__HIVE_DEFAULT_PARTITION__"
 LEADING_COLUMNS = [f.name for f in PREPARED_SCHEMA if f.name not in ("status", "error")] + [
@@ -165,8 +167,9 @@ def read_metadata(
     import pyarrow.dataset as ds
 
     fs, root = filesystem(output_uri, storage_options)
-    with fs.open(join(root, "manifest.json"), "rb") as handle:
-        manifest = json.loads(handle.read())
+    manifest = read_json(fs, join(root, MANIFEST))
+    if manifest is None:
+        raise SdrayError(f"{output_uri!r} has no {MANIFEST}: not an sdray output")
     if "partitioning" in manifest:
         fields = [
             pa.field(c["name"], _arrow_type(c["type"])) for c in manifest["partitioning"]["columns"]
@@ -181,10 +184,14 @@ def read_metadata(
     return dataset.to_table(columns=columns)
 
 
-def partitioning_record(partition_by: list[str], shards: list[dict[str, Any]]) -> dict:
-    """The manifest's record of how metadata is partitioned, with each column's Arrow type."""
+def partitioning_record(
+    partition_by: list[str], shards: list[dict[str, Any]], previous: dict[str, Any] | None = None
+) -> dict:
+    """The manifest's record of how metadata is partitioned, with each column's Arrow type
+    (from this run's shards, else from the `previous` manifest of a resumed run)."""
     types: dict[str, str] = {}
-    for shard in shards:
+    earlier = ((previous or {}).get("partitioning") or {}).get("columns", [])
+    for shard in [*shards, {"partition_types": {c["name"]: c["type"] for c in earlier}}]:
         for name, kind in shard.get("partition_types", {}).items():
             if kind != "null":
                 types.setdefault(name, kind)

@@ -161,3 +161,18 @@ def test_outputs_that_recorded_dtype_auto_still_resume():
         _check_resumable(
             {"fingerprint_parts": old, "config": {"model": {"device": "cuda"}}}, parts, "o"
         )
+
+
+def test_partition_types_come_from_shards_else_from_the_resumed_manifest():
+    from sdray.batch.sink import partitioning_record
+
+    previous = {"partitioning": {"columns": [{"name": "seed", "type": "int64"}]}}
+    shards = [
+        {"partition_types": {"seed": "null", "zip": "null"}},
+        {"partition_types": {"zip": "string"}},
+    ]
+    record = partitioning_record(["seed", "zip"], shards, previous)
+    assert record["columns"] == [
+        {"name": "seed", "type": "int64"},  # this run wrote only null seeds: the manifest knows
+        {"name": "zip", "type": "string"},
+    ]
