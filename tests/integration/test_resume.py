@@ -36,6 +36,16 @@ JOB = [
     "batch.max_actors=2",
 ]
 
+# One step at 64x64: for tests about bookkeeping, not images.
+QUICK = [
+    "--set",
+    "generation.steps=1",
+    "--set",
+    "generation.width=64",
+    "--set",
+    "generation.height=64",
+]
+
 
 def write_prompts(path: Path, n: int) -> None:
     pq.write_table(
@@ -201,12 +211,7 @@ def test_resume_refuses_changed_config(tmp_path, sdray_env):
         "--output",
         str(output),
         "--no-progress",
-        "--set",
-        "generation.steps=1",
-        "--set",
-        "generation.width=64",
-        "--set",
-        "generation.height=64",
+        *QUICK,
     ]
     first = subprocess.run(base, env=sdray_env, capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stderr[-3000:]
@@ -270,12 +275,7 @@ def test_engine_failures_become_error_rows_or_abort(tmp_path, sdray_env, nan_mod
         *JOB,
         "--set",
         f"model.source={nan_model}",
-        "--set",
-        "generation.steps=1",
-        "--set",
-        "generation.width=64",
-        "--set",
-        "generation.height=64",
+        *QUICK,
         "--set",
         "batch.min_actors=1",
         "--set",
