@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass
 
 from sdray.config import SdrayConfig
+from sdray.families import with_model_defaults
 from sdray.requests import GenerationRequest, derive_seed
 
 
@@ -57,28 +58,18 @@ def _chunks(items, size):
 
 
 def _diffusers_loop(engine, requests, batch_size: int) -> None:
-    """(a) The baseline: StableDiffusionPipeline called batch by batch on the same modules."""
+    """(a) The baseline: diffusers' own pipeline of the model's family, called batch by batch on
+    the same modules."""
     import torch
-    from diffusers import StableDiffusionPipeline
 
-    from sdray.schedulers import build_scheduler
-
-    pipe = StableDiffusionPipeline(
-        vae=engine.vae,
-        text_encoder=engine.text_encoder,
-        tokenizer=engine.tokenizer,
-        unet=engine.unet,
-        scheduler=build_scheduler(requests[0].scheduler, engine.scheduler_config),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
+    pipe = reference_pipeline(engine, requests[0].scheduler)
     first = requests[0]
     for chunk in _chunks(requests, batch_size):
         pipe(
             [r.prompt for r in chunk],
-            negative_prompt=[r.negative_prompt for r in chunk],
+            negative_prompt=[r.negative_prompt for r in chunk]
+            if any(r.negative_prompt for r in chunk)
+            else None,
             num_inference_steps=first.steps,
             guidance_scale=first.guidance_scale,
             height=first.height,
@@ -86,6 +77,42 @@ def _diffusers_loop(engine, requests, batch_size: int) -> None:
             generator=[torch.Generator("cpu").manual_seed(r.seed) for r in chunk],
             output_type="np",
         )
+
+
+def reference_pipeline(engine, scheduler: str):
+    """diffusers' pipeline of the engine's family (StableDiffusionPipeline or
+    StableDiffusionXLPipeline) over the engine's own modules, with the named scheduler."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    from sdray.schedulers import build_scheduler
+
+    family = engine.family
+    parts = {
+        "vae": engine.vae,
+        "unet": engine.unet,
+        "scheduler": build_scheduler(scheduler, engine.scheduler_config),
+    }
+    if engine.plan.family == "sdxl":
+        pipe = StableDiffusionXLPipeline(
+            text_encoder=family.text_encoders[0],
+            text_encoder_2=family.text_encoders[1],
+            tokenizer=family.tokenizers[0],
+            tokenizer_2=family.tokenizers[1],
+            force_zeros_for_empty_prompt=engine.plan.force_zeros_for_empty_prompt,
+            add_watermarker=False,
+            **parts,
+        )
+    else:
+        pipe = StableDiffusionPipeline(
+            text_encoder=engine.text_encoder,
+            tokenizer=engine.tokenizer,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+            **parts,
+        )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 class _WorkerMemory:
@@ -183,12 +210,14 @@ def run_bench(config: SdrayConfig, *, rows: int = 256, include_ray: bool = True)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     torch.set_num_threads(cores)
     batch_size = config.batch.batch_size
-    requests = bench_requests(config, rows)
-    gen = config.generation
-
     engine = DiffusionEngine.from_config(
         config.model, max_batch_size=batch_size, storage_options=config.storage.storage_options
     )
+    config = config.model_copy(
+        update={"generation": with_model_defaults(config.generation, engine.plan)}
+    )
+    requests = bench_requests(config, rows)
+    gen = config.generation
     # Warm up both paths once (allocator, kernels, lazy imports), then measure.
     _diffusers_loop(engine, requests[:batch_size], batch_size)
     engine.generate(requests[:batch_size])

@@ -36,6 +36,11 @@ class ModelConfig(_Section):
     cache_dir: str | None = Field(
         None, description="Local model cache; default $SDRAY_CACHE_DIR or ~/.cache/sdray."
     )
+    watermark: bool = Field(
+        False,
+        description="Add diffusers' invisible SDXL watermark to SDXL images (needs the "
+        "invisible-watermark package); off by default. SD 1.x/2.x pipelines never watermark.",
+    )
 
 
 class GenerationConfig(_Section):
@@ -43,8 +48,16 @@ class GenerationConfig(_Section):
 
     steps: int = Field(20, ge=1, description="Default denoising steps.")
     guidance_scale: float = Field(7.5, ge=0, description="Default classifier-free guidance.")
-    width: int = Field(128, gt=0, multiple_of=8, description="Default image width in pixels.")
-    height: int = Field(128, gt=0, multiple_of=8, description="Default image height in pixels.")
+    width: int | None = Field(
+        None,
+        gt=0,
+        multiple_of=8,
+        description="Default image width in pixels; unset: the model's native size (its UNet's "
+        "sample_size x the VAE's scale factor: 512 for SD 1.5, 1024 for SDXL).",
+    )
+    height: int | None = Field(
+        None, gt=0, multiple_of=8, description="Default image height; unset: the model's."
+    )
     scheduler: str = Field("ddim", description="Default scheduler name.")
     seed: int = Field(0, ge=0, lt=2**63, description="Base seed; row seeds derive from it.")
     negative_prompt: str = Field("", description="Default negative prompt.")

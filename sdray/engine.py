@@ -1,11 +1,13 @@
-"""DiffusionEngine: load a Stable Diffusion model once, then turn requests into images.
+"""DiffusionEngine: load a Stable Diffusion-family model once, then turn requests into images.
 
-The only module that touches torch and diffusers in the hot path. It knows nothing of Ray:
-batch actors and Serve replicas each hold one engine.
+The only module that runs torch and diffusers in the hot path; what differs between families
+(prompt encoding, extra UNet conditioning) is the family's (`sdray.families`). It knows nothing
+of Ray: batch actors and Serve replicas each hold one engine.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from collections.abc import Sequence
@@ -15,7 +17,9 @@ from typing import Any
 import numpy as np
 
 from sdray.config import ModelConfig
-from sdray.models import ModelFiles, load_components, model_hash, resolve_model
+from sdray.errors import ModelError
+from sdray.families import SDXL, family_class
+from sdray.models import ModelFiles, load_denoiser, model_hash, quiet_libraries, resolve_model
 from sdray.requests import GenerationRequest
 from sdray.schedulers import build_scheduler
 
@@ -88,7 +92,9 @@ def group_compatible(requests: Sequence[GenerationRequest], max_batch_size: int)
 
 
 class DiffusionEngine:
-    """Text encoder, UNet with per-row schedulers, and VAE decoder on one device."""
+    """A model's text conditioning (its family's), UNet with per-row schedulers, and VAE decoder
+    on one device. `generate` reads as diffusers' pipelines do, in numbered steps, written once
+    for every family."""
 
     def __init__(
         self,
@@ -99,6 +105,7 @@ class DiffusionEngine:
         allow_pickle: bool = False,
         max_batch_size: int = 8,
         torch_threads: int | None = None,
+        watermark: bool = False,
     ) -> None:
         import torch
 
@@ -107,17 +114,24 @@ class DiffusionEngine:
             torch.set_num_threads(torch_threads)
         self.device, self.dtype = resolve_device(device, dtype)
         self.files = files
+        self.plan = files.plan
         self.model_name = files.name
         self.max_batch_size = max_batch_size
-        parts = load_components(
+        quiet_libraries()
+        index = json.loads((files.directory / "model_index.json").read_text())
+        self.family = family_class(self.plan.family)(
+            files.directory,
+            self.plan,
+            index,
+            device=self.device,
+            dtype=getattr(torch, self.dtype),
+            use_safetensors=None if allow_pickle else True,
+        )
+        self.unet, self.vae, self.scheduler_config = load_denoiser(
             files, device=self.device, dtype=self.dtype, allow_pickle=allow_pickle
         )
-        self.tokenizer = parts["tokenizer"]
-        self.text_encoder = parts["text_encoder"]
-        self.unet = parts["unet"]
-        self.vae = parts["vae"]
-        self.scheduler_config: dict[str, Any] = parts["scheduler_config"]
-        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.vae_scale_factor = self.plan.vae_scale_factor
+        self.watermarker = _watermarker() if watermark and self.plan.family == SDXL else None
         self.load_seconds = time.perf_counter() - started
 
     @classmethod
@@ -148,7 +162,18 @@ class DiffusionEngine:
             allow_pickle=config.allow_pickle,
             max_batch_size=max_batch_size,
             torch_threads=torch_threads,
+            watermark=config.watermark,
         )
+
+    @property
+    def tokenizer(self):
+        """The (first) tokenizer."""
+        return self.family.tokenizers[0]
+
+    @property
+    def text_encoder(self):
+        """The (first) text encoder."""
+        return self.family.text_encoders[0]
 
     def model_hash(self) -> str:
         """sha256 of the model's files (its identity in manifests and fingerprints)."""
@@ -163,45 +188,27 @@ class DiffusionEngine:
                 results[index] = result
         return results  # type: ignore[return-value]
 
-    def _encode_prompts(self, prompts: list[str]):
-        tokens = self.tokenizer(
-            prompts,
-            padding="max_length",
-            max_length=self.tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        )
-        mask = None
-        if getattr(self.text_encoder.config, "use_attention_mask", False):
-            mask = tokens.attention_mask.to(self.device)
-        return self.text_encoder(tokens.input_ids.to(self.device), attention_mask=mask)[0]
-
     def truncated(self, prompts: list[str]) -> list[bool]:
-        """Whether each prompt is longer than the text encoder's context (and so cut)."""
-        lengths = self.tokenizer(prompts, truncation=False).input_ids
-        return [len(ids) > self.tokenizer.model_max_length for ids in lengths]
+        """Whether each prompt is longer than the text encoders' context (and so cut)."""
+        return self.family.truncated(prompts)
 
     def _generate_batch(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
         import torch
 
         first = requests[0]
-        width, height, steps = first.width, first.height, first.steps
         guidance = first.guidance_scale
-        use_cfg = guidance > 1.0 and self.unet.config.time_cond_proj_dim is None
-        dtype = self.unet.dtype
+        guided = guidance > 1.0 and self.unet.config.time_cond_proj_dim is None
 
         with torch.inference_mode():
-            # 1. Encode prompts; with guidance, the unconditional (negative) half goes first.
-            prompts = [r.prompt for r in requests]
-            embeds = self._encode_prompts(prompts)
-            if use_cfg:
-                negative = self._encode_prompts([r.negative_prompt for r in requests])
-                embeds = torch.cat([negative, embeds])
-            truncated = self.truncated(prompts)
+            # 1. Conditioning, by the model's family; with guidance the negative half goes first.
+            conditioning = self.family.condition(requests, guided)
+            truncated = self.family.truncated([r.prompt for r in requests])
 
             # 2. Timesteps from a fresh scheduler of the row's kind, built from the model's config.
             scheduler = build_scheduler(first.scheduler, self.scheduler_config)
-            scheduler.set_timesteps(steps, device=self.device)
+            scheduler.set_timesteps(first.steps, device=self.device)
+            if hasattr(scheduler, "set_begin_index"):
+                scheduler.set_begin_index(0)
 
             # 3. Starting latents: one CPU generator per row, so a row's image never depends on
             #    its batch. The same generators feed stochastic schedulers' noise.
@@ -209,10 +216,11 @@ class DiffusionEngine:
             shape = (
                 1,
                 self.unet.config.in_channels,
-                height // self.vae_scale_factor,
-                width // self.vae_scale_factor,
+                *self.plan.latent_shape(first.width, first.height)[1:],
             )
-            latents = torch.cat([torch.randn(shape, generator=g, dtype=dtype) for g in generators])
+            latents = torch.cat(
+                [torch.randn(shape, generator=g, dtype=self.unet.dtype) for g in generators]
+            )
             latents = latents.to(self.device) * scheduler.init_noise_sigma
 
             # 4. Denoising loop, classifier-free guidance as one doubled batch.
@@ -220,19 +228,22 @@ class DiffusionEngine:
             if _accepts(scheduler.step, "eta"):
                 step_kwargs["eta"] = 0.0
             for t in scheduler.timesteps:
-                model_input = torch.cat([latents] * 2) if use_cfg else latents
+                model_input = torch.cat([latents] * 2) if guided else latents
                 model_input = scheduler.scale_model_input(model_input, t)
-                noise = self.unet(model_input, t, encoder_hidden_states=embeds, return_dict=False)[
-                    0
-                ]
-                if use_cfg:
+                noise = self.unet(
+                    model_input,
+                    t,
+                    encoder_hidden_states=conditioning.embeds,
+                    **conditioning.unet_kwargs,
+                    return_dict=False,
+                )[0]
+                if guided:
                     noise_uncond, noise_text = noise.chunk(2)
                     noise = noise_uncond + guidance * (noise_text - noise_uncond)
                 latents = scheduler.step(noise, t, latents, **step_kwargs, return_dict=False)[0]
 
             # 5. Decode with the VAE and convert to uint8 pixels.
-            scaled = latents / self.vae.config.scaling_factor
-            images = self.vae.decode(scaled.to(self.vae.dtype), return_dict=False)[0]
+            images = self._decode(latents)
             finite = torch.isfinite(images.flatten(1)).all(dim=1).tolist()
             pixels = ((images.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
             pixels = pixels.permute(0, 2, 3, 1).cpu().numpy()
@@ -252,6 +263,39 @@ class DiffusionEngine:
                     )
                 )
         return results
+
+    def _decode(self, latents):
+        """Latents to images in [-1, 1] with the VAE (in its own dtype: float32 where the
+        family upcasts), undoing the latent scaling, then the watermark if asked for."""
+        import torch
+
+        config = self.vae.config
+        latents = latents.to(self.vae.dtype)
+        mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
+        if mean is not None and std is not None:
+            view = (1, -1, 1, 1)
+            mean = torch.tensor(mean).view(view).to(latents)
+            std = torch.tensor(std).view(view).to(latents)
+            latents = latents * std / config.scaling_factor + mean
+        else:
+            latents = latents / config.scaling_factor
+        images = self.vae.decode(latents, return_dict=False)[0]
+        if self.watermarker is not None:
+            images = self.watermarker.apply_watermark(images)
+        return images
+
+
+def _watermarker():
+    """diffusers' SDXL invisible watermark (model.watermark), which needs its own package."""
+    try:
+        from diffusers.pipelines.stable_diffusion_xl.watermark import StableDiffusionXLWatermarker
+
+        return StableDiffusionXLWatermarker()
+    except ImportError as error:
+        raise ModelError(
+            "model.watermark=true needs the invisible-watermark package (pip install "
+            f"invisible-watermark), which is not installed here ({error})"
+        ) from None
 
 
 def _accepts(function, name: str) -> bool:

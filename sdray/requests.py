@@ -16,6 +16,8 @@ from sdray.schedulers import SCHEDULERS
 
 SEED_LIMIT = 2**63
 
+# SDXL's per-row micro-conditioning (original size, crop top-left); other families ignore it.
+MICRO_CONDITIONING = ("original_width", "original_height", "crop_top", "crop_left")
 # Columns that rows may set; anything else in the input is carried through unchanged.
 REQUEST_COLUMNS = (
     "id",
@@ -27,9 +29,19 @@ REQUEST_COLUMNS = (
     "width",
     "height",
     "scheduler",
+    *MICRO_CONDITIONING,
 )
 # Columns sdray itself adds; an input table may not bring its own.
-RESULT_COLUMNS = ("model", "status", "error", "truncated", "image_path", "sha256")
+RESULT_COLUMNS = (
+    "model",
+    "model_family",
+    "mode",
+    "status",
+    "error",
+    "truncated",
+    "image_path",
+    "sha256",
+)
 # Hidden bookkeeping added by the reader: where a row came from (for stable derived ids).
 SOURCE_COLUMN = "__sdray_source"
 ROW_COLUMN = "__sdray_row"
@@ -49,6 +61,10 @@ PREPARED_SCHEMA = pa.schema(
         ("width", pa.int64()),
         ("height", pa.int64()),
         ("scheduler", pa.string()),
+        ("original_width", pa.int64()),
+        ("original_height", pa.int64()),
+        ("crop_top", pa.int64()),
+        ("crop_left", pa.int64()),
         ("status", pa.string()),
         ("error", pa.string()),
     ]
@@ -68,6 +84,12 @@ class GenerationRequest:
     width: int
     height: int
     scheduler: str
+    # SDXL's micro-conditioning (ignored by other families); None: diffusers' defaults, the
+    # target size and a (0, 0) crop.
+    original_width: int | None = None
+    original_height: int | None = None
+    crop_top: int | None = None
+    crop_left: int | None = None
 
     def batch_key(self) -> tuple:
         """Requests with equal keys can share one denoising batch."""
@@ -213,6 +235,18 @@ def validate_row(row: dict[str, Any], config: GenerationConfig) -> tuple[dict[st
     else:
         out["scheduler"] = scheduler
 
+    for field in MICRO_CONDITIONING:
+        value = row.get(field)
+        if value is None:
+            out[field] = None
+            continue
+        number = as_int(value)
+        least = 0 if field.startswith("crop") else 1
+        if number is None or number < least:
+            bad(field, value, f"must be an integer >= {least}")
+        else:
+            out[field] = number
+
     seed = row.get("seed")
     if seed is None:
         out["seed"] = None  # derived from the id by the caller
@@ -247,6 +281,11 @@ def prepare_table(table: pa.Table, config: GenerationConfig) -> pa.Table:
     reader has already refused tables without a `prompt` column; a block without one (JSON
     lines that all lack it) is a block of rows with null prompts.
     """
+    if config.width is None or config.height is None:
+        raise ValueError(
+            "generation.width/height are unset here: fill them from the model first "
+            "(sdray.families.with_model_defaults)"
+        )
     check_columns([n for n in table.column_names if not n.startswith("__sdray")] + ["prompt"])
     carried = [
         n for n in table.column_names if n not in REQUEST_COLUMNS and not n.startswith("__sdray")
@@ -311,4 +350,9 @@ def request_from_row(row: dict[str, Any]) -> GenerationRequest:
         width=int(row["width"]),
         height=int(row["height"]),
         scheduler=row["scheduler"],
+        **{name: _optional_int(row.get(name)) for name in MICRO_CONDITIONING},
     )
+
+
+def _optional_int(value: Any) -> int | None:
+    return None if value is None else int(value)

@@ -31,6 +31,7 @@ from sdray.batch.sink import (
 from sdray.batch.stages import EncodeStage, ErrorBudgetExceeded, GenerateStage, PrepareStage
 from sdray.config import SdrayConfig
 from sdray.errors import InputError, SdrayError
+from sdray.families import with_model_defaults
 from sdray.models import model_identity
 from sdray.requests import BATCH_KEY_COLUMN
 from sdray.storage import (
@@ -100,11 +101,13 @@ def package_versions() -> dict[str, str]:
 
 
 def fingerprint_parts(config: SdrayConfig, model: dict[str, str]) -> dict[str, Any]:
-    """What must not change between a run and its resume: model and its precision, generation
-    settings, output format. (Batching, actors and shard size may change; the input is checked
-    by content, see `plan_job`, so an output and its input can move.)"""
+    """What must not change between a run and its resume: model, its family and precision,
+    generation settings, output format. (Batching, actors and shard size may change; the input
+    is checked by content, see `plan_job`, so an output and its input can move.)"""
     return {
         "model": model["sha256"],
+        "model_family": model["family"],
+        "watermark": config.model.watermark,
         "dtype": resolved_dtype(config),
         "generation": config.generation.model_dump(mode="json"),
         "output": config.output.model_dump(mode="json", exclude={"rows_per_shard"}),
@@ -135,8 +138,10 @@ def fingerprint(parts: dict[str, Any]) -> str:
 
 
 def _changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """What differs between two records, as `key: old -> new`; keys `old` lacks are not changes
+    (settings added to sdray since `old` was written)."""
     changes = []
-    for key in sorted(set(old) | set(new)):
+    for key in sorted(old):
         a, b = old.get(key), new.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
             changes += _changes(a, b, f"{prefix}{key}.")
@@ -214,6 +219,8 @@ def clear_output(
 
 
 def _check_resumable(previous: dict[str, Any], parts: dict[str, Any], output_uri: str) -> None:
+    """Refuse a resume whose settings differ from the run's. A setting the run's sdray did not
+    have yet (absent from its record) is not a change: it had its default's effect then."""
     old = dict(previous.get("fingerprint_parts") or {})
     if old.get("dtype") == "auto":  # an output written when the manifest kept dtype unresolved
         device = ((previous.get("config") or {}).get("model") or {}).get("device")
@@ -506,11 +513,15 @@ def _run_generate(
     for column in config.output.partition_by:
         if column in ("id", "image_path", "sha256", "error"):
             raise SdrayError(f"output.partition_by: cannot partition by {column!r}")
-    model = model_identity(
+    # The model's family is recognised and its configs checked here, before Ray starts anything.
+    model, model_plan = model_identity(
         config.model.source,
         cache_dir=config.model.cache_dir,
         allow_pickle=config.model.allow_pickle,
         storage_options=storage,
+    )
+    config = config.model_copy(
+        update={"generation": with_model_defaults(config.generation, model_plan)}
     )
     parts = fingerprint_parts(config, model)
     if previous is not None:
@@ -546,7 +557,7 @@ def _run_generate(
         "output": output_uri,
         "config": _redacted(config),
         "versions": package_versions(),
-        "model": model,
+        "model": {**model, "plan": model_plan.summary()},
         "fingerprint": fingerprint(parts),
         "fingerprint_parts": parts,
     }
@@ -580,6 +591,7 @@ def _run_generate(
                     fn_constructor_kwargs={
                         "model": config.model,
                         "model_name": model["name"],
+                        "model_family": model["family"],
                         "model_sha256": model["sha256"],
                         "batch_size": batch.batch_size,
                         "torch_threads": batch.torch_threads,

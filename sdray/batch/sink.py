@@ -32,6 +32,8 @@ IMAGES_DIR = "images"
 HIVE_NULL = "__HIVE_DEFAULT_PARTITION__"
 LEADING_COLUMNS = [f.name for f in PREPARED_SCHEMA if f.name not in ("status", "error")] + [
     "model",
+    "model_family",
+    "mode",
     "status",
     "error",
     "truncated",

@@ -69,6 +69,7 @@ class GenerateStage:
         max_error_fraction: float = 1.0,
         min_rows_for_budget: int = 32,
         model_sha256: str | None = None,
+        model_family: str | None = None,
     ) -> None:
         from sdray.engine import DiffusionEngine
 
@@ -83,6 +84,7 @@ class GenerateStage:
             expected_sha256=model_sha256,
         )
         self.model_name = model_name
+        self.model_family = model_family or self.engine.plan.family
         self.max_error_fraction = max_error_fraction
         self.min_rows_for_budget = min_rows_for_budget
         self.attempted = 0
@@ -109,6 +111,8 @@ class GenerateStage:
         self.attempted += len(todo)
         self._check_budget()
         batch = _set_column(batch, "model", [self.model_name] * len(rows), pa.string())
+        batch = _set_column(batch, "model_family", [self.model_family] * len(rows), pa.string())
+        batch = _set_column(batch, "mode", ["txt2img"] * len(rows), pa.string())
         batch = _set_column(batch, "status", status, pa.string())
         batch = _set_column(batch, "error", errors, pa.string())
         batch = _set_column(batch, "truncated", truncated, pa.bool_())

@@ -75,6 +75,7 @@ class ImageBackend(Protocol):
 
     config: SdrayConfig
     model_name: str
+    family: str  # the model's family: sd | sdxl
     device: str
     load_seconds: float
     loaded_at: float
@@ -253,7 +254,9 @@ def create_api(backend: ImageBackend, key_digests: tuple[str, ...] = ()) -> Fast
     @api.get("/v1/models")
     async def models() -> JSONResponse:
         """The served model, as an OpenAI model list."""
-        card = ModelCard(id=backend.model_name, created=int(backend.loaded_at))
+        card = ModelCard(
+            id=backend.model_name, created=int(backend.loaded_at), family=backend.family
+        )
         return JSONResponse(ModelList(data=[card]).model_dump())
 
     @api.post("/v1/images/generations")

@@ -72,6 +72,7 @@ class ImageReplica:
             storage_options=self.config.storage.storage_options,
         )
         self.model_name = self.engine.model_name
+        self.family = self.engine.plan.family
         self.device = self.engine.device
         self.load_seconds = self.engine.load_seconds
         self.loaded_at = time.time()

@@ -134,6 +134,7 @@ class ModelCard(_Model):
     object: Literal["model"] = Field("model", description="Always `model`.")
     created: int = Field(description="Unix time the model was loaded.")
     owned_by: str = Field("sdray", description="Always `sdray`.")
+    family: str = Field(description="The model's family (sdray's extension): `sd` or `sdxl`.")
 
 
 class ModelList(_Model):

@@ -109,7 +109,7 @@ def test_healthz_is_open_and_reports_the_loaded_model(server):
 def test_models_lists_the_served_model(client):
     body = client.get("/v1/models").json()
     assert body["object"] == "list"
-    assert [m["id"] for m in body["data"]] == ["tiny"]
+    assert [(m["id"], m["family"]) for m in body["data"]] == [("tiny", "sd")]
 
 
 def test_openai_client_works_unchanged(server):

@@ -45,6 +45,7 @@ class FakeBackend:
             }
         )
         self.model_name = "fake"
+        self.family = "sd"
         self.device = "cpu"
         self.load_seconds = 0.5
         self.loaded_at = time.time()

@@ -325,6 +325,12 @@ def test_app_builder_args_are_checked():
         ServeAppArgs.model_validate({"confg": "x.yaml"})
 
 
+def reachable_model(args: dict) -> dict:
+    """The app's args with the embedded model: building the app checks the model's files,
+    and the GPU config's model lives in a bucket this test cannot reach."""
+    return {**args, "overrides": [*args.get("overrides", []), "model.source=tiny"]}
+
+
 @pytest.mark.parametrize("name", ["serve.yaml", "serve-gpu.yaml"])
 def test_serve_config_files_build_the_app(name):
     from pathlib import Path
@@ -336,7 +342,7 @@ def test_serve_config_files_build_the_app(name):
     schema = ServeDeploySchema.model_validate(yaml.safe_load(path.read_text()))
     (app,) = schema.applications
     assert app.import_path == "sdray.serve:build_app"
-    built = build_app(app.args)
+    built = build_app(reachable_model(app.args))
     config = SdrayConfig.model_validate(built._bound_deployment.init_args[0])
     options = built._bound_deployment.ray_actor_options
     assert schema.http_options.request_timeout_s == config.serve.request_timeout_s
@@ -355,7 +361,7 @@ def test_the_kuberay_service_serves_the_gpu_config_and_fits_its_worker_group():
     (app,) = schema.applications
     gpu_file = yaml.safe_load((root / "configs" / "serve-gpu.yaml").read_text())
     assert app.args == gpu_file["applications"][0]["args"]  # one config, kept in two places
-    built = build_app(app.args)
+    built = build_app(reachable_model(app.args))
     config = SdrayConfig.model_validate(built._bound_deployment.init_args[0])
     assert config.serve.max_replicas > 1
     assert schema.http_options.request_timeout_s == config.serve.request_timeout_s

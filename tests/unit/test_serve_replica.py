@@ -29,6 +29,7 @@ class FlakyEngine:
         self.fail = fail
         self.calls: list[list[str]] = []
         self.model_name = engine.model_name
+        self.plan = engine.plan
         self.device = engine.device
         self.load_seconds = engine.load_seconds
         self.max_batch_size = engine.max_batch_size
