@@ -20,7 +20,8 @@ class ModelConfig(_Section):
 
     source: str = Field(
         "tiny",
-        description="`tiny` (embedded), a local diffusers directory, or an fsspec URI of one.",
+        description="`tiny` or `tiny-xl` (embedded, built in code), a local diffusers "
+        "directory, or an fsspec URI of one.",
     )
     device: Literal["cpu", "cuda", "auto"] = Field(
         "cpu",
@@ -258,6 +259,7 @@ def load_config(
     A relative local `model.source` or `model.cache_dir` is taken from the working directory
     here, where the user typed it, not in a Ray worker somewhere else.
     """
+    from sdray.models import EMBEDDED
     from sdray.storage import absolute_uri, open_uri
 
     data: dict[str, Any] = {}
@@ -273,7 +275,7 @@ def load_config(
             raise ConfigError(f"config file {path} must hold a mapping at the top level")
     config = config_from_dict(data, overrides)
     model = config.model
-    if model.source != "tiny":
+    if model.source not in EMBEDDED:
         model.source = absolute_uri(model.source)
     if model.cache_dir is not None:
         model.cache_dir = absolute_uri(model.cache_dir)

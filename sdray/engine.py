@@ -7,7 +7,6 @@ of Ray: batch actors and Serve replicas each hold one engine.
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from collections.abc import Sequence
@@ -118,11 +117,9 @@ class DiffusionEngine:
         self.model_name = files.name
         self.max_batch_size = max_batch_size
         quiet_libraries()
-        index = json.loads((files.directory / "model_index.json").read_text())
-        self.family = family_class(self.plan.family)(
+        self.family = family_class(self.plan.family).load(
             files.directory,
             self.plan,
-            index,
             device=self.device,
             dtype=getattr(torch, self.dtype),
             use_safetensors=None if allow_pickle else True,
@@ -287,15 +284,16 @@ class DiffusionEngine:
 
 def _watermarker():
     """diffusers' SDXL invisible watermark (model.watermark), which needs its own package."""
-    try:
-        from diffusers.pipelines.stable_diffusion_xl.watermark import StableDiffusionXLWatermarker
+    from diffusers.utils import is_invisible_watermark_available
 
-        return StableDiffusionXLWatermarker()
-    except ImportError as error:
+    if not is_invisible_watermark_available():
         raise ModelError(
             "model.watermark=true needs the invisible-watermark package (pip install "
-            f"invisible-watermark), which is not installed here ({error})"
-        ) from None
+            "invisible-watermark), which is not installed here"
+        )
+    from diffusers.pipelines.stable_diffusion_xl.watermark import StableDiffusionXLWatermarker
+
+    return StableDiffusionXLWatermarker()
 
 
 def _accepts(function, name: str) -> bool:

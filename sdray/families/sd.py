@@ -30,32 +30,37 @@ class StableDiffusion:
 
     name = SD
 
-    def __init__(
-        self,
+    def __init__(self, plan: ModelPlan, tokenizers: list, text_encoders: list, device: str):
+        self.plan = plan
+        self.tokenizers = tokenizers
+        self.text_encoders = text_encoders
+        self.device = device
+
+    @classmethod
+    def load(
+        cls,
         directory: Path,
         plan: ModelPlan,
-        index: dict[str, Any],
         *,
         device: str,
         dtype: Any,
         use_safetensors: bool | None,
-    ) -> None:
+    ) -> StableDiffusion:
+        """The family with its tokenizers and text encoders loaded from a model directory."""
         from transformers import CLIPTokenizer
 
-        self.plan = plan
-        self.device = device
-        self.tokenizers = []
-        self.text_encoders = []
-        for (tokenizer, encoder), cls in zip(
-            TEXT_PARTS[self.name], self.encoder_classes(), strict=True
+        tokenizers, encoders = [], []
+        for (tokenizer, encoder), module_class in zip(
+            TEXT_PARTS[cls.name], cls.encoder_classes(), strict=True
         ):
-            self.tokenizers.append(
+            tokenizers.append(
                 CLIPTokenizer.from_pretrained(directory / tokenizer, model_max_length=MAX_TOKENS)
             )
-            module = cls.from_pretrained(
+            module = module_class.from_pretrained(
                 directory / encoder, torch_dtype=dtype, use_safetensors=use_safetensors
             )
-            self.text_encoders.append(module.to(device).eval().requires_grad_(False))
+            encoders.append(module.to(device).eval().requires_grad_(False))
+        return cls(plan, tokenizers, encoders, device)
 
     @staticmethod
     def encoder_classes() -> tuple[type, ...]:

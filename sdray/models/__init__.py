@@ -146,7 +146,10 @@ def _parse_json(data: bytes | str, relative: str, source: str) -> Any:
 def plan_directory(directory: Path, source: str) -> ModelPlan:
     """`plan_model` of a local model directory."""
     if not directory.is_dir():
-        raise ModelError(f"model.source {source!r} is not a directory (nor 'tiny' or a URI)")
+        raise ModelError(
+            f"model.source {source!r} is not a directory (nor an embedded model: "
+            f"{', '.join(EMBEDDED)}; nor a URI)"
+        )
     files = [
         str(p.relative_to(directory))
         for p in directory.rglob("*")
