@@ -295,3 +295,40 @@ def test_unset_sizes_come_from_the_model_within_the_limits(model_cache):
     assert (kept.width, kept.height) == (64, 96)
     with pytest.raises(ConfigError, match="generation.width is unset, so the model's native 96"):
         with_model_defaults(GenerationConfig(max_width=64), xl)
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "euler", "dpmpp_2m"])
+def test_v_prediction_models_equal_diffusers(tmp_path, model_cache, scheduler):
+    """SD 2.x 768-v style: the scheduler config's prediction_type, followed as diffusers does."""
+    import diffusers
+    import torch
+
+    from sdray.engine import DiffusionEngine
+    from sdray.schedulers import SCHEDULERS
+
+    directory = tmp_path / "v-model"
+    shutil.copytree(resolve_model("tiny").directory, directory)
+    path = directory / "scheduler" / "scheduler_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "prediction_type": "v_prediction"}))
+    engine = DiffusionEngine.from_config(ModelConfig(source=str(directory), device="cpu"))
+    assert engine.plan.prediction_type == "v_prediction"
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(
+        directory, safety_checker=None, requires_safety_checker=False
+    )
+    pipe.set_progress_bar_config(disable=True)
+    spec = SCHEDULERS[scheduler]
+    pipe.scheduler = getattr(diffusers, spec.class_name).from_config(
+        pipe.scheduler.config, **spec.options
+    )
+    rows = [request(i, scheduler=scheduler) for i in range(2)]
+    theirs = pipe(
+        prompt=[r.prompt for r in rows],
+        num_inference_steps=3,
+        guidance_scale=6.0,
+        width=64,
+        height=64,
+        generator=[torch.Generator().manual_seed(r.seed) for r in rows],
+        output_type="np",
+    ).images
+    for ours, image in zip(engine.generate(rows), theirs, strict=True):
+        assert psnr(ours.image, (image * 255).round().astype(np.uint8)) >= 45
