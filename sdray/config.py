@@ -60,6 +60,19 @@ class GenerationConfig(_Section):
         None, gt=0, multiple_of=8, description="Default image height; unset: the model's."
     )
     scheduler: str = Field("ddim", description="Default scheduler name.")
+    strength: float = Field(
+        0.75,
+        gt=0,
+        le=1,
+        description="Default image-to-image strength: how much of the schedule re-noises the "
+        "init image (1 = all of it); rows run the last int(steps x strength) steps.",
+    )
+    max_input_pixels: int = Field(
+        4096 * 4096,
+        ge=64,
+        description="Init and mask images with more pixels are error rows (decompression bombs "
+        "are refused before they are decoded).",
+    )
     seed: int = Field(0, ge=0, lt=2**63, description="Base seed; row seeds derive from it.")
     negative_prompt: str = Field("", description="Default negative prompt.")
     max_steps: int = Field(150, ge=1, description="Rows asking for more steps are errors.")
@@ -128,6 +141,12 @@ class OutputConfig(_Section):
     rows_per_shard: int = Field(1000, ge=1, description="Rows per metadata/image shard.")
     partition_by: list[str] = Field(
         default_factory=list, description="Columns for Hive-style partitions."
+    )
+    preview_every: int = Field(
+        0,
+        ge=0,
+        description="Keep the model's estimate of the final image every this many denoising "
+        "steps and write one filmstrip per image beside it (0 = off).",
     )
 
 

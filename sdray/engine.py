@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -19,18 +19,35 @@ from sdray.config import ModelConfig
 from sdray.errors import ModelError
 from sdray.families import SDXL, family_class
 from sdray.models import ModelFiles, load_denoiser, model_hash, quiet_libraries, resolve_model
-from sdray.requests import GenerationRequest
+from sdray.requests import GenerationRequest, denoising_start
 from sdray.schedulers import build_scheduler
 
 
 @dataclass
 class GenerationResult:
-    """One request's outcome: an HxWx3 uint8 image, or an error message."""
+    """One request's outcome: an HxWx3 uint8 image, or an error message; and the previews it
+    asked for, (step, HxWx3 uint8 image) each."""
 
     request: GenerationRequest
     image: np.ndarray | None
     truncated: bool = False
     error: str | None = None
+    previews: list[tuple[int, np.ndarray]] = field(default_factory=list)
+
+
+# Called from the engine's thread as each preview is decoded: (request index, step, pixels).
+PreviewCallback = Callable[[int, int, np.ndarray], None]
+
+
+@dataclass
+class _Start:
+    """Where denoising starts for a batch (step 3 of `_generate_batch`)."""
+
+    latents: Any
+    noise: Any = None  # the starting noise (inpainting blends re-noised image latents with it)
+    image_latents: Any = None  # the init images' latents (img2img, 4-channel inpainting)
+    mask: Any = None  # inpainting: the mask at latent size, 1 = repaint
+    masked_image_latents: Any = None  # 9-channel inpainting models' extra input
 
 
 # Messages of errors after which the device cannot be trusted (a CUDA context does not recover
@@ -176,12 +193,21 @@ class DiffusionEngine:
         """sha256 of the model's files (its identity in manifests and fingerprints)."""
         return model_hash(self.files.directory)
 
-    def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
-        """Generate one image per request, in compatible sub-batches; results keep input order."""
+    def generate(
+        self, requests: Sequence[GenerationRequest], on_preview: PreviewCallback | None = None
+    ) -> list[GenerationResult]:
+        """Generate one image per request, in compatible sub-batches; results keep input order.
+
+        `on_preview(index, step, pixels)` receives each preview a request asked for
+        (`preview_at`) as soon as it is decoded, `index` being the request's position here.
+        """
         results: list[GenerationResult | None] = [None] * len(requests)
         for indices in group_compatible(requests, self.max_batch_size):
             batch = [requests[i] for i in indices]
-            for index, result in zip(indices, self._generate_batch(batch), strict=True):
+            relay = None
+            if on_preview is not None:
+                relay = lambda row, step, pixels, at=indices: on_preview(at[row], step, pixels)  # noqa: E731
+            for index, result in zip(indices, self._generate_batch(batch, relay), strict=True):
                 results[index] = result
         return results  # type: ignore[return-value]
 
@@ -189,46 +215,55 @@ class DiffusionEngine:
         """Whether each prompt is longer than the text encoders' context (and so cut)."""
         return self.family.truncated(prompts)
 
-    def _generate_batch(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
+    def _generate_batch(
+        self, requests: list[GenerationRequest], on_preview: PreviewCallback | None = None
+    ) -> list[GenerationResult]:
         import torch
 
         first = requests[0]
         guidance = first.guidance_scale
         guided = guidance > 1.0 and self.unet.config.time_cond_proj_dim is None
+        previews: list[list[tuple[int, np.ndarray]]] = [[] for _ in requests]
 
         with torch.inference_mode():
             # 1. Conditioning, by the model's family; with guidance the negative half goes first.
             conditioning = self.family.condition(requests, guided)
             truncated = self.family.truncated([r.prompt for r in requests])
 
-            # 2. Timesteps from a fresh scheduler of the row's kind, built from the model's config.
+            # 2. Timesteps from a fresh scheduler of the row's kind, built from the model's
+            #    config; from an init image, only the last int(steps x strength) of them.
             scheduler = build_scheduler(first.scheduler, self.scheduler_config)
             scheduler.set_timesteps(first.steps, device=self.device)
+            skip = denoising_start(first.steps, first.strength) * scheduler.order
+            timesteps = scheduler.timesteps[skip:]
             if hasattr(scheduler, "set_begin_index"):
-                scheduler.set_begin_index(0)
+                scheduler.set_begin_index(skip)
 
             # 3. Starting latents: one CPU generator per row, so a row's image never depends on
-            #    its batch. The same generators feed stochastic schedulers' noise.
+            #    its batch. The same generators sample init images' latents and feed stochastic
+            #    schedulers' noise, in diffusers' order.
             generators = [torch.Generator("cpu").manual_seed(r.seed) for r in requests]
-            shape = (
-                1,
-                self.unet.config.in_channels,
-                *self.plan.latent_shape(first.width, first.height)[1:],
-            )
-            latents = torch.cat(
-                [torch.randn(shape, generator=g, dtype=self.unet.dtype) for g in generators]
-            )
-            latents = latents.to(self.device) * scheduler.init_noise_sigma
+            start = self._start(requests, scheduler, timesteps, generators)
+            latents = start.latents
 
-            # 4. Denoising loop, classifier-free guidance as one doubled batch.
+            # 4. Denoising loop, classifier-free guidance as one doubled batch. Inpainting models
+            #    see the mask and masked image beside the latents; other UNets inpaint by
+            #    blending the re-noised image back outside the mask after every step.
             step_kwargs = {"generator": generators} if _accepts(scheduler.step, "generator") else {}
             if _accepts(scheduler.step, "eta"):
                 step_kwargs["eta"] = 0.0
-            for t in scheduler.timesteps:
+            extra = None
+            if start.masked_image_latents is not None:
+                extra = torch.cat([start.mask, start.masked_image_latents], dim=1)
+                extra = torch.cat([extra] * 2) if guided else extra
+            warmup = len(timesteps) - (first.steps - skip // scheduler.order) * scheduler.order
+            done = 0
+            for i, t in enumerate(timesteps):
                 model_input = torch.cat([latents] * 2) if guided else latents
                 model_input = scheduler.scale_model_input(model_input, t)
+                unet_input = model_input if extra is None else torch.cat([model_input, extra], 1)
                 noise = self.unet(
-                    model_input,
+                    unet_input,
                     t,
                     encoder_hidden_states=conditioning.embeds,
                     **conditioning.unet_kwargs,
@@ -237,18 +272,33 @@ class DiffusionEngine:
                 if guided:
                     noise_uncond, noise_text = noise.chunk(2)
                     noise = noise_uncond + guidance * (noise_text - noise_uncond)
+                completes = i == len(timesteps) - 1 or (
+                    i + 1 > warmup and (i + 1) % scheduler.order == 0
+                )
+                done += completes
+                wanted = [k for k, r in enumerate(requests) if completes and done in r.preview_at]
+                if wanted:
+                    sample = model_input[: len(requests)]
+                    estimate = _predicted_original(scheduler, sample, noise, t)
+                    self._previews(estimate, wanted, done, previews, on_preview)
                 latents = scheduler.step(noise, t, latents, **step_kwargs, return_dict=False)[0]
+                if start.mask is not None and start.masked_image_latents is None:
+                    proper = start.image_latents
+                    if i < len(timesteps) - 1:
+                        proper = scheduler.add_noise(proper, start.noise, timesteps[i + 1 : i + 2])
+                    latents = (1 - start.mask) * proper + start.mask * latents
 
             # 5. Decode with the VAE and convert to uint8 pixels.
             images = self._decode(latents)
             finite = torch.isfinite(images.flatten(1)).all(dim=1).tolist()
-            pixels = ((images.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
-            pixels = pixels.permute(0, 2, 3, 1).cpu().numpy()
+            pixels = _to_pixels(images)
 
         results = []
-        for request, image, ok, cut in zip(requests, pixels, finite, truncated, strict=True):
+        for request, image, ok, cut, shown in zip(
+            requests, pixels, finite, truncated, previews, strict=True
+        ):
             if ok:
-                results.append(GenerationResult(request, np.ascontiguousarray(image), cut))
+                results.append(GenerationResult(request, image, cut, previews=shown))
             else:
                 results.append(
                     GenerationResult(
@@ -261,18 +311,88 @@ class DiffusionEngine:
                 )
         return results
 
-    def _decode(self, latents):
-        """Latents to images in [-1, 1] with the VAE (in its own dtype: float32 where the
-        family upcasts), undoing the latent scaling, then the watermark if asked for."""
+    def _start(self, requests, scheduler, timesteps, generators) -> _Start:
+        """Step 3: the starting latents, as diffusers' txt2img, img2img and inpaint pipelines
+        make them, drawing from each row's generator in their order: the init image's latents
+        (when used), the noise, then the masked image's latents (inpainting)."""
+        import torch
+
+        first = requests[0]
+        dtype = self.unet.dtype
+        shape = (
+            1,
+            self.plan.latent_channels,
+            *self.plan.latent_shape(first.width, first.height)[1:],
+        )
+
+        def noise():
+            rows = [torch.randn(shape, generator=g, dtype=dtype) for g in generators]
+            return torch.cat(rows).to(self.device)
+
+        if first.mode == "txt2img":
+            return _Start(noise() * scheduler.init_noise_sigma)
+        images = _from_pixels([r.init_image for r in requests], self.device)
+        from_noise = first.mode == "inpaint" and first.strength == 1.0
+        image_latents = None
+        if not (from_noise and self.plan.inpainting):
+            image_latents = self._encode(images, generators)
+        start_noise = noise()
+        if from_noise:
+            latents = start_noise * scheduler.init_noise_sigma
+        else:
+            origin = timesteps[:1].repeat(len(requests))
+            latents = scheduler.add_noise(image_latents, start_noise, origin)
+        if first.mode == "img2img":
+            return _Start(latents, start_noise, image_latents)
+        masks = torch.from_numpy(np.stack([r.mask_image >= 128 for r in requests]))
+        masks = masks[:, None].to(self.device, torch.float32)  # 1 = repaint
+        latent_size = shape[-2:]
+        mask = torch.nn.functional.interpolate(masks, size=latent_size).to(dtype)
+        masked = images * (masks < 0.5)
+        if self.plan.inpainting:
+            masked_latents = self._encode(masked, generators)
+        else:  # diffusers encodes the masked image and never uses it here: only draw alike
+            masked_latents = None
+            for generator in generators:
+                torch.randn(shape, generator=generator, dtype=self.vae.dtype)
+        return _Start(latents, start_noise, image_latents, mask, masked_latents)
+
+    def _encode(self, images, generators):
+        """Init images ([-1, 1]) to latents: the VAE encoder's distribution, sampled with each
+        row's generator, scaled as the decoder expects."""
         import torch
 
         config = self.vae.config
+        posterior = self.vae.encode(images.to(self.vae.dtype)).latent_dist
+        draws = [
+            torch.randn(posterior.mean[:1].shape, generator=g, dtype=posterior.mean.dtype)
+            for g in generators
+        ]
+        latents = posterior.mean + posterior.std * torch.cat(draws).to(self.device)
+        mean, std = _latent_statistics(config, latents)
+        if mean is not None:
+            latents = (latents - mean) * config.scaling_factor / std
+        else:
+            latents = latents * config.scaling_factor
+        return latents.to(self.unet.dtype)
+
+    def _previews(self, estimate, rows, step, previews, on_preview) -> None:
+        """Decode the estimate of the final image for the rows that asked at this step."""
+        import torch
+
+        pixels = _to_pixels(self._decode(estimate[torch.tensor(rows)]))
+        for row, image in zip(rows, pixels, strict=True):
+            previews[row].append((step, image))
+            if on_preview is not None:
+                on_preview(row, step, image)
+
+    def _decode(self, latents):
+        """Latents to images in [-1, 1] with the VAE (in its own dtype: float32 where the
+        family upcasts), undoing the latent scaling, then the watermark if asked for."""
+        config = self.vae.config
         latents = latents.to(self.vae.dtype)
-        mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
-        if mean is not None and std is not None:
-            view = (1, -1, 1, 1)
-            mean = torch.tensor(mean).view(view).to(latents)
-            std = torch.tensor(std).view(view).to(latents)
+        mean, std = _latent_statistics(config, latents)
+        if mean is not None:
             latents = latents * std / config.scaling_factor + mean
         else:
             latents = latents / config.scaling_factor
@@ -280,6 +400,57 @@ class DiffusionEngine:
         if self.watermarker is not None:
             images = self.watermarker.apply_watermark(images)
         return images
+
+
+def _latent_statistics(config, like):
+    """The VAE's per-channel latent mean and std (some SDXL-family VAEs), else (None, None)."""
+    import torch
+
+    mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
+    if mean is None or std is None:
+        return None, None
+    view = (1, -1, 1, 1)
+    return torch.tensor(mean).view(view).to(like), torch.tensor(std).view(view).to(like)
+
+
+def _from_pixels(images: Sequence[np.ndarray], device: str):
+    """HxWx3 uint8 images to a (rows, 3, H, W) float32 batch in [-1, 1], as diffusers'
+    VaeImageProcessor normalises them."""
+    import torch
+
+    batch = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255.0
+    return (2.0 * batch - 1.0).to(device)
+
+
+def _to_pixels(images) -> list[np.ndarray]:
+    """(rows, 3, H, W) images in [-1, 1] to HxWx3 uint8 arrays."""
+    import torch
+
+    pixels = ((images.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
+    return [np.ascontiguousarray(p) for p in pixels.permute(0, 2, 3, 1).cpu().numpy()]
+
+
+def _predicted_original(scheduler, sample, model_output, t):
+    """The model's estimate of the clean latents from `sample` (the scaled model input, in
+    variance-preserving form) and its output at `t`, for previews. The noise level comes from
+    the scheduler's sigma at this step where it has sigmas, else from alphas_cumprod[t]."""
+    import torch
+
+    sigmas, index = getattr(scheduler, "sigmas", None), getattr(scheduler, "step_index", None)
+    if sigmas is not None and index is not None and index < len(sigmas):
+        alpha_bar = 1.0 / (1.0 + float(sigmas[index]) ** 2)
+    else:
+        alpha_bar = float(scheduler.alphas_cumprod[int(t)])
+    a, b = alpha_bar**0.5, (1.0 - alpha_bar) ** 0.5
+    sample, model_output = sample.float(), model_output.float()
+    kind = scheduler.config.prediction_type
+    if kind == "v_prediction":
+        estimate = a * sample - b * model_output
+    elif kind == "sample":
+        estimate = model_output
+    else:
+        estimate = (sample - b * model_output) / a
+    return estimate.to(torch.get_default_dtype())
 
 
 def _watermarker():

@@ -28,7 +28,13 @@ from sdray.batch.sink import (
     partitioning_record,
     remove_uncommitted,
 )
-from sdray.batch.stages import EncodeStage, ErrorBudgetExceeded, GenerateStage, PrepareStage
+from sdray.batch.stages import (
+    EncodeStage,
+    ErrorBudgetExceeded,
+    GenerateStage,
+    ImageInputStage,
+    PrepareStage,
+)
 from sdray.config import SdrayConfig
 from sdray.errors import InputError, SdrayError
 from sdray.families import with_model_defaults
@@ -323,6 +329,13 @@ def actor_resources(config: SdrayConfig) -> dict[str, float]:
     return {"num_cpus": config.batch.num_cpus_per_actor, **bounded}
 
 
+def input_base(input_uri: str, storage: dict[str, Any]) -> str:
+    """Where relative image URIs of the table's rows start: the input directory, or the folder
+    of a single input file (a row's own subfolder is added from its source)."""
+    fs, path = filesystem(input_uri, storage)
+    return input_uri if fs.isdir(path) else input_uri.rstrip("/").rsplit("/", 1)[0]
+
+
 def _say(message: str) -> None:
     print(f"sdray: {message}", file=sys.stderr, flush=True)
 
@@ -584,8 +597,15 @@ def _run_generate(
                 # Ray Data 2.60 takes actor restart limits only through its deprecated
                 # **ray_remote_args (there is no named parameter yet); revisit on upgrade.
                 warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
-                pixels = plan.todo.repartition(
-                    target_num_rows_per_block=rows_per_block
+                pixels = (
+                    plan.todo.repartition(target_num_rows_per_block=rows_per_block)
+                    # Init and mask images: fetched, decoded and sized by CPU tasks, so model
+                    # actors receive ready pixels.
+                    .map_batches(
+                        ImageInputStage(config.generation, input_base(input_uri, storage), storage),
+                        batch_format="pyarrow",
+                        num_cpus=0.25,
+                    )
                 ).map_batches(
                     generate_stage,
                     fn_constructor_kwargs={
@@ -597,6 +617,7 @@ def _run_generate(
                         "torch_threads": batch.torch_threads,
                         "storage_options": storage,
                         "max_error_fraction": batch.max_error_fraction,
+                        "preview_every": config.output.preview_every,
                     },
                     batch_size=batch.batch_size,
                     batch_format="pyarrow",

@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 from ray.data import Datasink
 from ray.data.block import Block, BlockAccessor
 
-from sdray.batch.stages import IMAGE_COLUMN
+from sdray.batch.stages import IMAGE_COLUMN, STRIP_COLUMN
 from sdray.errors import SdrayError
 from sdray.images import EXTENSIONS
 from sdray.requests import PREPARED_SCHEMA
@@ -30,7 +30,10 @@ METADATA_DIR = "metadata"
 MANIFEST = "manifest.json"
 IMAGES_DIR = "images"
 HIVE_NULL = "__HIVE_DEFAULT_PARTITION__"
-LEADING_COLUMNS = [f.name for f in PREPARED_SCHEMA if f.name not in ("status", "error")] + [
+LEADING_COLUMNS = [
+    *(f.name for f in PREPARED_SCHEMA if f.name not in ("mode", "status", "error")),
+    "init_sha256",
+    "mask_sha256",
     "model",
     "model_family",
     "mode",
@@ -39,6 +42,7 @@ LEADING_COLUMNS = [f.name for f in PREPARED_SCHEMA if f.name not in ("status", "
     "truncated",
     "image_path",
     "sha256",
+    "preview_path",
 ]
 
 
@@ -54,6 +58,15 @@ class ShardImages:
     keys: list[str]
     images: list[bytes | None]
     rows: list[dict[str, Any]] = field(default_factory=list)
+    strips: list[bytes | None] | None = None  # filmstrips of previews (output.preview_every)
+
+    def strip(self, index: int) -> bytes | None:
+        return None if self.strips is None else self.strips[index]
+
+
+STRIP_SUFFIX = ".strip.png"
+# What a writer returns: each row's image path and filmstrip path (None where there is none).
+WrittenPaths = tuple[list[str | None], list[str | None]]
 
 
 class FilesWriter:
@@ -62,18 +75,22 @@ class FilesWriter:
     def __init__(self, extension: str) -> None:
         self.extension = extension
 
-    def write(
-        self, fs, root: str, directory: str, shard: str, batch: ShardImages
-    ) -> list[str | None]:
+    def write(self, fs, root: str, directory: str, shard: str, batch: ShardImages) -> WrittenPaths:
         paths: list[str | None] = []
-        for key, data in zip(batch.keys, batch.images, strict=True):
+        strips: list[str | None] = []
+        for index, (key, data) in enumerate(zip(batch.keys, batch.images, strict=True)):
+            paths.append(None)
+            strips.append(None)
             if data is None:
-                paths.append(None)
                 continue
             relative = f"{directory}{shard}/{key}.{self.extension}"
             write_bytes_atomic(fs, join(root, relative), data)
-            paths.append(relative)
-        return paths
+            paths[-1] = relative
+            strip = batch.strip(index)
+            if strip is not None:
+                strips[-1] = f"{directory}{shard}/{key}{STRIP_SUFFIX}"
+                write_bytes_atomic(fs, join(root, strips[-1]), strip)
+        return paths, strips
 
 
 class WebDatasetWriter:
@@ -82,27 +99,33 @@ class WebDatasetWriter:
     def __init__(self, extension: str) -> None:
         self.extension = extension
 
-    def write(
-        self, fs, root: str, directory: str, shard: str, batch: ShardImages
-    ) -> list[str | None]:
+    def write(self, fs, root: str, directory: str, shard: str, batch: ShardImages) -> WrittenPaths:
         relative = f"{directory}{shard}.tar"
         buffer = io.BytesIO()
         paths: list[str | None] = []
+        strips: list[str | None] = []
         with tarfile.open(fileobj=buffer, mode="w") as tar:
-            for key, data, row in zip(batch.keys, batch.images, batch.rows, strict=True):
+            for index, (key, data, row) in enumerate(
+                zip(batch.keys, batch.images, batch.rows, strict=True)
+            ):
+                paths.append(None)
+                strips.append(None)
                 if data is None:
-                    paths.append(None)
                     continue
                 member = f"{key}.{self.extension}"
-                sidecar = json.dumps(row, default=str).encode()
-                for name, payload in ((member, data), (f"{key}.json", sidecar)):
+                members = [(member, data), (f"{key}.json", json.dumps(row, default=str).encode())]
+                strip = batch.strip(index)
+                if strip is not None:
+                    members.append((key + STRIP_SUFFIX, strip))
+                    strips[-1] = f"{relative}#{key}{STRIP_SUFFIX}"
+                for name, payload in members:
                     info = tarfile.TarInfo(name)
                     info.size = len(payload)
                     tar.addfile(info, io.BytesIO(payload))
-                paths.append(f"{relative}#{member}")
+                paths[-1] = f"{relative}#{member}"
         if any(p is not None for p in paths):
             write_bytes_atomic(fs, join(root, relative), buffer.getvalue())
-        return paths
+        return paths, strips
 
 
 class ParquetImageWriter:
@@ -111,28 +134,27 @@ class ParquetImageWriter:
     def __init__(self, extension: str) -> None:
         self.extension = extension
 
-    def write(
-        self, fs, root: str, directory: str, shard: str, batch: ShardImages
-    ) -> list[str | None]:
+    def write(self, fs, root: str, directory: str, shard: str, batch: ShardImages) -> WrittenPaths:
         relative = f"{directory}{shard}.parquet"
-        present = [
-            (k, d, r)
-            for k, d, r in zip(batch.keys, batch.images, batch.rows, strict=True)
-            if d is not None
-        ]
+        present = [i for i, data in enumerate(batch.images) if data is not None]
         if present:
-            table = pa.table(
-                {
-                    "id": pa.array([r["id"] for _, _, r in present], pa.string()),
-                    "key": pa.array([k for k, _, _ in present], pa.string()),
-                    "image": pa.array([d for _, d, _ in present], pa.binary()),
-                }
-            )
-            write_bytes_atomic(fs, join(root, relative), _parquet_bytes(table))
-        return [
+            columns = {
+                "id": pa.array([batch.rows[i]["id"] for i in present], pa.string()),
+                "key": pa.array([batch.keys[i] for i in present], pa.string()),
+                "image": pa.array([batch.images[i] for i in present], pa.binary()),
+            }
+            if batch.strips is not None:
+                columns["strip"] = pa.array([batch.strip(i) for i in present], pa.binary())
+            write_bytes_atomic(fs, join(root, relative), _parquet_bytes(pa.table(columns)))
+        paths = [
             f"{relative}#{key}" if data is not None else None
             for key, data in zip(batch.keys, batch.images, strict=True)
         ]
+        strips = [
+            f"{relative}#{key}#strip" if data is not None and batch.strip(i) is not None else None
+            for i, (key, data) in enumerate(zip(batch.keys, batch.images, strict=True))
+        ]
+        return paths, strips
 
 
 WRITERS = {"files": FilesWriter, "webdataset": WebDatasetWriter, "parquet": ParquetImageWriter}
@@ -288,10 +310,15 @@ class ImageDatasink(Datasink):
         rows = metadata.to_pylist()
         keys = [sample_key(r["id"]) for r in rows]
         images = chunk.column(IMAGE_COLUMN).to_pylist()
-        paths = writer.write(
-            fs, root, f"{IMAGES_DIR}/{directory}", shard, ShardImages(keys, images, rows)
+        strips = (
+            chunk.column(STRIP_COLUMN).to_pylist() if STRIP_COLUMN in chunk.column_names else None
+        )
+        paths, strip_paths = writer.write(
+            fs, root, f"{IMAGES_DIR}/{directory}", shard, ShardImages(keys, images, rows, strips)
         )
         metadata = metadata.append_column("image_path", pa.array(paths, pa.string()))
+        if strips is not None:
+            metadata = metadata.append_column("preview_path", pa.array(strip_paths, pa.string()))
         ordered = [c for c in LEADING_COLUMNS if c in metadata.column_names]
         ordered += [c for c in metadata.column_names if c not in ordered]
         metadata = metadata.select([c for c in ordered if c not in self.partition_by])
