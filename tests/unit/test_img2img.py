@@ -40,6 +40,7 @@ def mask(i: int) -> Image.Image:
 
 def inpainting_model(tmp_path_factory, source: str):
     """A copy of an embedded model whose UNet takes 9 channels (latents, mask, masked image)."""
+    import diffusers
     import torch
     from diffusers import UNet2DConditionModel
 
@@ -54,7 +55,8 @@ def inpainting_model(tmp_path_factory, source: str):
     UNet2DConditionModel.from_config(config).save_pretrained(directory / "unet")
     index = json.loads((directory / "model_index.json").read_text())
     name = index["_class_name"].replace("Pipeline", "InpaintPipeline")
-    (directory / "model_index.json").write_text(json.dumps({**index, "_class_name": name}))
+    index = {"_diffusers_version": diffusers.__version__, **index, "_class_name": name}
+    (directory / "model_index.json").write_text(json.dumps(index))
     return str(directory)
 
 
@@ -80,7 +82,8 @@ def reference(engine, kind: str):
         if xl
         else {"safety_checker": None, "requires_safety_checker": False}
     )
-    pipe = cls.from_pretrained(engine.files.directory, **extra)
+    base = diffusers.DiffusionPipeline.from_pretrained(engine.files.directory, **extra)
+    pipe = cls.from_pipe(base)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -159,19 +162,26 @@ def test_a_row_keeps_its_image_whatever_its_batch(model):
 
 
 def test_strength_sets_how_far_from_the_picture(model):
-    """Low strength stays close to the init image; full strength moves far from it."""
-    if model.plan.inpainting:
-        pytest.skip("inpainting models inpaint")
-    near = model.generate(rows("img2img", "ddim", 0.25)[:1])[0].image
+    """Low strength stays close to the picture (as the VAE gives it back: these weights are
+    random); full strength moves far from it."""
+    import torch
+
+    if model.model_name != "tiny":
+        pytest.skip("needs a VAE that gives pictures back: the trained embedded model")
+    source = torch.from_numpy(np.asarray(picture(0))).permute(2, 0, 1)[None].float() / 127.5 - 1
+    with torch.inference_mode():
+        latents = model.vae.encode(source).latent_dist.mean
+        back = model.vae.decode(latents, return_dict=False)[0]
+    back = ((back[0].permute(1, 2, 0) / 2 + 0.5).clamp(0, 1) * 255).round().byte().numpy()
+    near = model.generate(rows("img2img", "ddim", 0.25)[:1])[0].image  # 1 of 4 steps, t=1
     far = model.generate(rows("img2img", "ddim", 1.0)[:1])[0].image
-    source = np.asarray(picture(0))
-    assert psnr(near, source) > psnr(far, source) + 3
+    assert psnr(near, back) > 30 > psnr(far, back)
 
 
 def test_inpainting_keeps_the_picture_outside_the_mask(model):
     """4-channel UNets blend the re-noised picture back outside the mask at every step."""
-    if model.plan.inpainting:
-        pytest.skip("a 9-channel model repaints by itself; only latent blending pins pixels")
+    if model.model_name != "tiny":
+        pytest.skip("needs a VAE that gives pictures back: the trained embedded model")
     (result,) = model.generate(rows("inpaint", "ddim", 1.0)[:1])
     keep = np.asarray(mask(0).resize((SIZE // 8, SIZE // 8), Image.NEAREST)) == 0
     keep = np.kron(keep, np.ones((8, 8), bool))  # whole latent cells outside the mask
