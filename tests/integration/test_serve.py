@@ -45,6 +45,7 @@ CONFIG = {
         "max_queued_requests": 4,
         "max_n": 4,
         "max_prompt_chars": 200,
+        "max_upload_bytes": 65_536,  # /v1/generate takes up to ~105 kB (base64 images)
         "retry_after_s": RETRY_AFTER,
         "request_timeout_s": 120,
     },
@@ -281,7 +282,8 @@ BAD_REQUESTS = [
     (ONE, {"prompt": "a", "steps": 0}, 400, "steps", "invalid_value"),
     (ONE, {"prompt": "a", "scheduler": "nope"}, 400, "scheduler", "invalid_value"),
     (ONE, {"prompt": "a", "n": 2}, 400, "n", "unknown_parameter"),
-    (ONE, b"x" * 20_000, 413, None, "body_too_large"),
+    (ONE, b"x" * 200_000, 413, None, "body_too_large"),
+    (IMAGES, b"x" * 20_000, 413, None, "body_too_large"),
     # Lone surrogates are legal JSON escapes but not text: each is its sender's 400, never a
     # failure of the batch it would have joined.
     (IMAGES, rb'{"prompt": "a \ud800 cube"}', 400, "prompt", "invalid_value"),
