@@ -1,7 +1,7 @@
 """`sdray serve` over real HTTP with image inputs and streaming: the official openai client's
-`images.edit` (with and without a mask) and streamed `images.generate`/`images.edit`; online ==
-offline for image-to-image and inpainting; a client that disconnects mid-stream breaks nobody
-else's batch; upload limits and bad images through Serve's proxy.
+`images.edit` (with and without a mask) and streamed `images.generate`/`images.edit`; a client
+that disconnects mid-stream breaks nobody else's batch; upload limits and bad images through
+Serve's proxy. (Online == offline for image-to-image and inpainting: test_serve.py.)
 
 One server (a subprocess joined to the session's Ray cluster) serves the whole module.
 """
@@ -16,10 +16,11 @@ import json
 import httpx
 import numpy as np
 import pytest
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from sdray.images import read_infotext
 
+from .pictures import SIZE, masks, png, scene
 from .serve_harness import ServeProcess, start_server
 
 pytestmark = pytest.mark.integration
@@ -38,7 +39,6 @@ CONFIG = {
         "request_timeout_s": 120,
     },
 }
-SIZE = (80, 72)  # not square, not the default size: the picture's size is used
 
 
 @pytest.fixture(scope="module")
@@ -56,31 +56,6 @@ def api(server):
     import openai
 
     return openai.OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0, timeout=120)
-
-
-def png(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def picture() -> bytes:
-    """The starting picture, drawn in code: a sky, a sun and a field."""
-    image = Image.new("RGB", SIZE, (90, 140, 220))
-    draw = ImageDraw.Draw(image)
-    draw.rectangle((0, 48, SIZE[0], SIZE[1]), fill=(60, 150, 60))
-    draw.ellipse((50, 8, 70, 28), fill=(250, 220, 40))
-    return png(image)
-
-
-def masks() -> tuple[bytes, bytes]:
-    """The same region (the sun) as OpenAI's mask (transparent = edit) and as a row's mask
-    (white = repaint)."""
-    openai_mask = Image.new("RGBA", SIZE, (255, 255, 255, 255))
-    ImageDraw.Draw(openai_mask).rectangle((44, 4, 76, 34), fill=(255, 255, 255, 0))
-    row_mask = Image.new("L", SIZE, 0)
-    ImageDraw.Draw(row_mask).rectangle((44, 4, 76, 34), fill=255)
-    return png(openai_mask), png(row_mask)
 
 
 def pixels(data: bytes) -> np.ndarray:
@@ -106,7 +81,7 @@ def test_openai_client_edits_with_and_without_a_mask(api, server):
     openai_mask, row_mask = masks()
     extra = {"seed": 21, "steps": 6, "strength": 0.8}
     plain = api.images.edit(
-        image=("scene.png", picture(), "image/png"),
+        image=("scene.png", scene(), "image/png"),
         prompt="a red balloon",
         n=2,
         response_format="b64_json",
@@ -115,12 +90,11 @@ def test_openai_client_edits_with_and_without_a_mask(api, server):
     assert [item.seed for item in plain.data] == [21, 22]
     first = base64.b64decode(plain.data[0].b64_json)
     assert pixels(first).shape == (SIZE[1], SIZE[0], 3)
-    assert "Denoising strength: 0.8" in read_infotext(first) and "Size: 80x72" in read_infotext(
-        first
-    )
+    assert "Denoising strength: 0.8" in read_infotext(first)
+    assert "Size: 80x72" in read_infotext(first)
 
     masked = api.images.edit(
-        image=("scene.png", picture(), "image/png"),
+        image=("scene.png", scene(), "image/png"),
         mask=("mask.png", openai_mask, "image/png"),
         prompt="a red balloon",
         extra_body=extra,
@@ -131,62 +105,11 @@ def test_openai_client_edits_with_and_without_a_mask(api, server):
     same = generate_png(
         server,
         prompt="a red balloon",
-        init_image=b64(picture()),
+        init_image=b64(scene()),
         mask_image=b64(row_mask),
         **extra,
     )
     assert psnr(inpainted, same) >= 40
-
-
-def test_online_equals_offline_for_image_to_image_and_inpainting(
-    api, server, ray_cluster, tmp_path
-):
-    import pyarrow.parquet as pq
-
-    from sdray.batch import run_generate
-    from sdray.config import load_config
-
-    _, row_mask = masks()
-    (tmp_path / "scene.png").write_bytes(picture())
-    (tmp_path / "mask.png").write_bytes(row_mask)
-    rows = [
-        {"id": "i2i", "prompt": "a kite", "init_image": "scene.png", "strength": 0.6, "seed": 5},
-        {
-            "id": "inpaint",
-            "prompt": "a moon",
-            "init_image": "scene.png",
-            "mask_image": "mask.png",
-            "seed": 6,
-            "steps": 5,
-            "scheduler": "euler",
-        },
-    ]
-    source = tmp_path / "rows.jsonl"
-    source.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    output = tmp_path / "out"
-    config = load_config(server.config_path, ["batch.min_actors=1", "batch.max_actors=1"])
-    run_generate(str(source), str(output), config, overwrite=True, progress=False)
-    metadata = {row["id"]: row for row in pq.read_table(output / "metadata").to_pylist()}
-    assert {row["status"] for row in metadata.values()} == {"ok"}, metadata
-
-    images = {"scene.png": picture(), "mask.png": row_mask}
-    for row in rows:
-        offline = (output / metadata[row["id"]]["image_path"]).read_bytes()
-        body = {k: v for k, v in row.items() if k != "id"}
-        for name in ("init_image", "mask_image"):
-            if name in body:
-                body[name] = b64(images[body[name]])
-        online = generate_png(server, **body)
-        assert psnr(online, offline) >= 40, row["id"]
-        assert read_infotext(online) == read_infotext(offline)
-    # The openai client's edit of the same picture is the same image-to-image row.
-    edited = api.images.edit(
-        image=("scene.png", picture(), "image/png"),
-        prompt="a kite",
-        extra_body={"seed": 5, "strength": 0.6},
-    )
-    offline = (output / metadata["i2i"]["image_path"]).read_bytes()
-    assert psnr(base64.b64decode(edited.data[0].b64_json), offline) >= 40
 
 
 def test_openai_client_streams_partial_images_then_the_image(api, server):
@@ -214,7 +137,7 @@ def test_openai_client_streams_partial_images_then_the_image(api, server):
 
     edits = list(
         api.images.edit(
-            image=("scene.png", picture(), "image/png"),
+            image=("scene.png", scene(), "image/png"),
             prompt="a kite",
             stream=True,
             partial_images=1,
@@ -271,7 +194,7 @@ def test_bad_uploads_through_the_proxy(api, server):
     assert caught.value.body["param"] == "image"
     with pytest.raises(openai.BadRequestError) as caught:
         api.images.edit(
-            image=("scene.png", picture(), "image/png"),
+            image=("scene.png", scene(), "image/png"),
             mask=("mask.png", png(Image.new("RGBA", (16, 16))), "image/png"),
             prompt="a",
         )
