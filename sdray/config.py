@@ -199,6 +199,13 @@ class ServeConfig(_Section):
     max_prompt_chars: int = Field(
         2000, ge=1, description="Max prompt (and negative prompt) length in characters."
     )
+    max_upload_bytes: int = Field(
+        25 * 1024 * 1024,
+        ge=1024,
+        description="Max bytes of image data in one request (the init image and mask together: "
+        "multipart uploads to /v1/images/edits, base64 in /v1/generate counted decoded). Larger "
+        "requests are refused with 413, by Content-Length before reading where it is given.",
+    )
     num_cpus_per_replica: float = Field(
         0.5, gt=0, description="CPUs reserved per replica (fractional on CPU-only nodes)."
     )

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from PIL import Image, PngImagePlugin
+from PIL import Image, ImageOps, PngImagePlugin
 
 from sdray.schedulers import SCHEDULERS
 
@@ -144,6 +144,17 @@ def fit(image: Image.Image, width: int, height: int) -> Image.Image:
     return canvas
 
 
+def mask_layer(mask: Image.Image, alpha: bool = False) -> Image.Image:
+    """A mask as greyscale, white (>= 128) = repaint. With `alpha` (OpenAI's convention: the
+    transparent areas are edited), a mask that has transparent pixels repaints where it is
+    transparent (255 - alpha); one without transparency is read by its luminance."""
+    if alpha and mask.has_transparency_data:
+        opacity = mask.convert("RGBA").getchannel("A")
+        if opacity.getextrema()[0] < 255:
+            return ImageOps.invert(opacity)
+    return mask.convert("L")
+
+
 def prepare_inputs(
     init: bytes,
     mask: bytes | None,
@@ -154,8 +165,10 @@ def prepare_inputs(
     max_height: int,
     max_pixels: int,
     shown: dict[str, str] | None = None,
+    mask_alpha: bool = False,
 ) -> PreparedInputs:
-    """Decode, check and size an init image (RGB) and its mask (greyscale; white repaints)."""
+    """Decode, check and size an init image (RGB) and its mask (greyscale; white repaints;
+    with `mask_alpha`, transparent repaints where the mask has transparency: see `mask_layer`)."""
     shown = shown or {}
     picture = decode_input(init, "init_image", shown.get("init_image", "<bytes>"), max_pixels)
     layer = None
@@ -170,7 +183,7 @@ def prepare_inputs(
     w, h = input_size(picture.size, width, height, max_width, max_height)
     return PreparedInputs(
         init=np.asarray(fit(picture.convert("RGB"), w, h)),
-        mask=None if layer is None else np.asarray(fit(layer.convert("L"), w, h)),
+        mask=None if layer is None else np.asarray(fit(mask_layer(layer, mask_alpha), w, h)),
         width=w,
         height=h,
     )

@@ -28,7 +28,9 @@ from sdray.serve.auth import api_key_digests
 
 
 class FakeBackend:
-    """Answers with a flat image per request, or fails (with an error code)/stalls as told."""
+    """Answers with a flat image per request (its init image, for image-to-image), or fails
+    (with an error code)/stalls as told; sends each preview a request asks for, from a thread,
+    as a flat image of the step's value."""
 
     def __init__(
         self,
@@ -41,7 +43,11 @@ class FakeBackend:
         self.config = config_from_dict(
             {
                 "generation": {"width": 64, "height": 64, "steps": 2},
-                "serve": {"request_timeout_s": 0.2, "max_prompt_chars": 100},
+                "serve": {
+                    "request_timeout_s": 0.2,
+                    "max_prompt_chars": 100,
+                    "max_upload_bytes": 30_000,
+                },
             }
         )
         self.model_name = "fake"
@@ -58,13 +64,23 @@ class FakeBackend:
     def ready(self) -> bool:
         return self.loaded
 
-    async def generate(self, requests):
+    async def generate(self, requests, on_preview=None):
         self.seen.extend(requests)
+        if on_preview is not None:
+
+            def previews():
+                for index, r in enumerate(requests):
+                    for step in r.preview_at:
+                        on_preview(index, step, np.full((r.height, r.width, 3), step, np.uint8))
+
+            await asyncio.to_thread(previews)
         await asyncio.sleep(self.stall_s)
         return [
             ImageOutcome(
                 image=None
                 if self.fail
+                else r.init_image
+                if r.init_image is not None
                 else np.full((r.height, r.width, 3), r.seed % 256, np.uint8),
                 error=self.fail,
                 truncated=False,

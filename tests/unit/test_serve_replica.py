@@ -34,12 +34,12 @@ class FlakyEngine:
         self.load_seconds = engine.load_seconds
         self.max_batch_size = engine.max_batch_size
 
-    def generate(self, requests):
+    def generate(self, requests, on_preview=None):
         self.calls.append([r.id for r in requests])
         error = self.fail(requests) if self.fail else None
         if error is not None:
             raise error
-        return self.engine.generate(requests)
+        return self.engine.generate(requests, on_preview=on_preview)
 
 
 @pytest.fixture
