@@ -598,7 +598,7 @@ def write_fake_output(root: Path, rows: list[dict], fmt: str, per_shard: int, si
                 [r for _, r in part],
             )
             directory, name = f"images/steps={steps}/", f"part-{shard:04d}"
-            paths = WRITERS[fmt]("png").write(fs, str(root), directory, name, batch)
+            paths, _ = WRITERS[fmt]("png").write(fs, str(root), directory, name, batch)
             metadata = pa.Table.from_pylist(
                 [{k: v for k, v in r.items() if k != "steps"} for _, r in part]
             ).append_column("image_path", pa.array(paths, pa.string()))
