@@ -36,6 +36,12 @@ class ModelConfig(_Section):
     cache_dir: str | None = Field(
         None, description="Local model cache; default $SDRAY_CACHE_DIR or ~/.cache/sdray."
     )
+    reserve_gpus_on_cpu: bool = Field(
+        False,
+        description="For testing GPU placement without GPUs: with device cpu, model actors and "
+        "replicas still reserve batch.num_gpus_per_actor / serve.num_gpus_per_replica GPUs "
+        "(Ray accepts GPU resources on nodes without GPU hardware) while the engine runs on CPU.",
+    )
 
 
 class GenerationConfig(_Section):
@@ -141,6 +147,11 @@ class ServeConfig(_Section):
     )
     upscale_delay_s: float = Field(5.0, ge=0, description="Autoscaling upscale delay.")
     downscale_delay_s: float = Field(60.0, ge=0, description="Autoscaling downscale delay.")
+    look_back_period_s: float = Field(
+        30.0,
+        gt=0,
+        description="Autoscaling: the window (s) over which ongoing requests are averaged.",
+    )
     max_ongoing_requests: int = Field(
         8, ge=1, description="Requests one replica works on at once (its in-replica queue bound)."
     )

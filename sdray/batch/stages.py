@@ -69,6 +69,7 @@ class GenerateStage:
         max_error_fraction: float = 1.0,
         min_rows_for_budget: int = 32,
         model_sha256: str | None = None,
+        stats: Any = None,
     ) -> None:
         from sdray.engine import DiffusionEngine
 
@@ -87,6 +88,12 @@ class GenerateStage:
         self.min_rows_for_budget = min_rows_for_budget
         self.attempted = 0
         self.failed = 0
+        # stats: the job's GenerationStats actor (sdray.batch.cluster), for per-node figures.
+        self.reporter = None
+        if stats is not None:
+            from sdray.batch.cluster import StatsReporter
+
+            self.reporter = StatsReporter(stats)
         log.info("model actor ready in %.1fs", time.perf_counter() - started)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -99,6 +106,7 @@ class GenerateStage:
         truncated: list[bool | None] = [None] * len(rows)
         todo = [i for i, r in enumerate(rows) if r["status"] == "ok"]
         requests = [request_from_row(rows[i]) for i in todo]
+        started, failed_before = time.perf_counter(), self.failed
         for index, result in zip(todo, self._generate(requests), strict=True):
             truncated[index] = result.truncated
             if result.error is None:
@@ -107,6 +115,9 @@ class GenerateStage:
                 status[index], errors[index] = "error", result.error
                 self.failed += 1
         self.attempted += len(todo)
+        if self.reporter is not None and todo:
+            failed = self.failed - failed_before
+            self.reporter.report(len(todo) - failed, failed, time.perf_counter() - started)
         self._check_budget()
         batch = _set_column(batch, "model", [self.model_name] * len(rows), pa.string())
         batch = _set_column(batch, "status", status, pa.string())
