@@ -213,7 +213,7 @@ class LocalCluster:
             {},
             {**FAST_NODE_DEATH, **(env or {})},
         )
-        self.head.node_id = self._wait_for_node(self.head)
+        self.head.node_id = self._joined(self.head)
         return self.head
 
     def add_node(
@@ -244,8 +244,16 @@ class LocalCluster:
             namespace_prefix,
         )
         self.nodes[name] = node
-        node.node_id = self._wait_for_node(node)
+        node.node_id = self._joined(node)
         return node
+
+    def _joined(self, node: RayNode) -> str:
+        """The node's id once the cluster lists it; a node that never joins is killed."""
+        try:
+            return self._wait_for_node(node)
+        except Exception:
+            self._kill_tree(node.proc.pid, signal.SIGKILL)
+            raise
 
     def alive_nodes(self) -> list[dict]:
         """The cluster's alive nodes as the dashboard reports them."""
@@ -380,7 +388,8 @@ def wait_for_job(cluster: LocalCluster, job_id: str, timeout: float) -> str:
         if status in ("SUCCEEDED", "FAILED", "STOPPED"):
             return status
         time.sleep(1)
-    raise TimeoutError(f"job {job_id} still running after {timeout}s")
+    logs = job_logs(cluster, job_id)[-3000:]
+    raise TimeoutError(f"job {job_id} still running after {timeout}s; its log ends:\n{logs}")
 
 
 def job_logs(cluster: LocalCluster, job_id: str) -> str:
