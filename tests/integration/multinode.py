@@ -88,6 +88,7 @@ class LocalCluster:
     base_env: dict[str, str]
     head: RayNode | None = None
     nodes: dict[str, RayNode] = field(default_factory=dict)
+    removed: dict[str, RayNode] = field(default_factory=dict)  # nodes lost, still named
     gcs_port: int = 0
     dashboard_port: int = 0
     node_private: Path | None = None  # a directory some node sees as empty, if any
@@ -268,7 +269,7 @@ class LocalCluster:
 
     def name_of(self, node_id: str) -> str | None:
         """Which of this cluster's nodes has `node_id`."""
-        for node in [self.head, *self.nodes.values()]:
+        for node in [self.head, *self.nodes.values(), *self.removed.values()]:
             if node is not None and node.node_id == node_id:
                 return node.name
         return None
@@ -322,6 +323,7 @@ class LocalCluster:
     def remove_node(self, name: str, sig: signal.Signals = signal.SIGKILL) -> None:
         """Lose a worker node: kill its raylet and every process under it at once."""
         node = self.nodes.pop(name)
+        self.removed[name] = node
         self._kill_tree(node.proc.pid, sig)
         node.proc.wait(timeout=60)
 
