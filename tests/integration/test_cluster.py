@@ -358,12 +358,12 @@ def test_ray_job_submit_runs_the_generate_and_sweep_pipelines(
 @pytest.mark.timeout(900)
 def test_ray_job_stop_leaves_an_output_that_resume_completes(cluster, tmp_path):
     prompts = cluster.root / "stop-prompts.csv"
-    ids = [f"s{i:03d}" for i in range(120)]
+    ids = [f"s{i:03d}" for i in range(72)]
     prompts.write_text("id,prompt\n" + "".join(f"{i},a lighthouse at dusk {i}\n" for i in ids))
     output = cluster.root / "stop-out"
     # Slow enough per image that the run is still going when it is stopped.
     args = ["--input", str(prompts), "--output", str(output), *FAST]
-    args += ["--set", "generation.steps=12", "--set", "batch.batch_size=2"]
+    args += ["--set", "generation.steps=8", "--set", "batch.batch_size=2"]
     args += ["--set", "output.rows_per_shard=6"]
     first = submit(cluster, "generate.py", *args)
     deadline = time.monotonic() + 300
@@ -387,7 +387,7 @@ def test_ray_job_stop_leaves_an_output_that_resume_completes(cluster, tmp_path):
     assert manifest["counts"]["generated_this_run"] == len(ids) - committed
     print(
         f"\nray job stop after {committed}/{len(ids)} rows; --resume made the other "
-        f"{len(ids) - committed} in {manifest['timings']['wall_s']}s"
+        f"{len(ids) - committed}: {manifest['timings']}"
     )
 
 
