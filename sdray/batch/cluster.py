@@ -126,7 +126,7 @@ def check_paths_on_every_node(paths: dict[str, str | None], output: str | None =
                 f"could not check within {PATH_CHECK_TIMEOUT_S:.0f}s that every Ray node sees "
                 f"the job's local paths ({', '.join(checked)}); a node is unresponsive"
             )
-        for report in ray.get(refs):
+        for report in _reports(refs):
             for label, path, want, seen in zip(
                 labels, checked, expected, report["seen"], strict=True
             ):
@@ -142,6 +142,19 @@ def check_paths_on_every_node(paths: dict[str, str | None], output: str | None =
     finally:
         if probe is not None:
             os.remove(probe)
+
+
+def _reports(refs) -> list[dict[str, Any]]:
+    """The nodes' answers; a node that died meanwhile has nothing left to check."""
+    import ray
+
+    reports = []
+    for ref in refs:
+        try:
+            reports.append(ray.get(ref))
+        except ray.exceptions.RayError as error:
+            log.warning("skipping a node that left during the path check: %s", error)
+    return reports
 
 
 # --- Per-node statistics ----------------------------------------------------------------
