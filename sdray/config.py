@@ -150,7 +150,8 @@ class ServeConfig(_Section):
     look_back_period_s: float = Field(
         30.0,
         gt=0,
-        description="Autoscaling: the window (s) over which ongoing requests are averaged.",
+        description="Autoscaling: the window (s) over which ongoing requests are averaged; "
+        "keep it above Ray Serve's 10 s metrics interval.",
     )
     max_ongoing_requests: int = Field(
         8, ge=1, description="Requests one replica works on at once (its in-replica queue bound)."

@@ -447,13 +447,13 @@ class ReplicaWatch:
         apps = httpx.get(f"{self.cluster.dashboard_url}/api/serve/applications/", timeout=30)
         return (apps.json().get("applications") or {}).get("sdray") or {}
 
-    def replicas(self) -> list[tuple[str, str]]:
-        """(node name, state) of each replica now, but stopped ones."""
+    def replicas(self, stopping: bool = False) -> list[tuple[str, str]]:
+        """(node name, state) of each replica now; those stopping only if asked."""
         return sorted(
             (self.cluster.name_of(r.get("node_id") or "") or "unplaced", r["state"])
             for d in (self.app().get("deployments") or {}).values()
             for r in d.get("replicas", [])
-            if r.get("state") != "STOPPING"
+            if stopping or r.get("state") != "STOPPING"
         )
 
     def running(self) -> list[str]:
@@ -577,6 +577,12 @@ def test_serving_spreads_scales_and_survives_a_preempted_node(cluster, secrets, 
         moved = watch.wait_for(
             lambda n: len(n) == 2 and doomed not in n, "2 replicas off the drained node", 180
         )
+        # The machine goes once its replica has finished its last requests (at the latest, at
+        # the notice's deadline; Serve stops replicas before it).
+        deadline = time.monotonic() + 300
+        while any(node == doomed for node, _ in watch.replicas(stopping=True)):
+            assert time.monotonic() < deadline, watch.timeline()
+            time.sleep(0.5)
         cluster.remove_node(doomed)
         answered = len(load.answers)
         deadline = time.monotonic() + 120
