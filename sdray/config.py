@@ -42,6 +42,12 @@ class ModelConfig(_Section):
         description="Add diffusers' invisible SDXL watermark to SDXL images (needs the "
         "invisible-watermark package); off by default. SD 1.x/2.x pipelines never watermark.",
     )
+    reserve_gpus_on_cpu: bool = Field(
+        False,
+        description="For testing GPU placement without GPUs: with device cpu, model actors and "
+        "replicas still reserve batch.num_gpus_per_actor / serve.num_gpus_per_replica GPUs "
+        "(Ray accepts GPU resources on nodes without GPU hardware) while the engine runs on CPU.",
+    )
 
 
 class GenerationConfig(_Section):
@@ -174,6 +180,12 @@ class ServeConfig(_Section):
     )
     upscale_delay_s: float = Field(5.0, ge=0, description="Autoscaling upscale delay.")
     downscale_delay_s: float = Field(60.0, ge=0, description="Autoscaling downscale delay.")
+    look_back_period_s: float = Field(
+        30.0,
+        gt=0,
+        description="Autoscaling: the window (s) over which ongoing requests are averaged; "
+        "keep it above Ray Serve's 10 s metrics interval.",
+    )
     max_ongoing_requests: int = Field(
         8, ge=1, description="Requests one replica works on at once (its in-replica queue bound)."
     )

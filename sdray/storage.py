@@ -29,7 +29,12 @@ PERMANENT_ERRORS = (
 
 
 def with_retries(action: Callable[[], T], what: str, attempts: int = 5, delay: float = 0.5) -> T:
-    """Run a storage action, retrying transient failures with exponential backoff."""
+    """Run a storage action, retrying transient failures with exponential backoff.
+
+    Being retired: s3fs and botocore retry by themselves (see `filesystem`), so this only
+    stacks more retries on theirs. Callers left: sdray/models, batch/read.py, batch/lease.py
+    and sweep/contact_sheets.py.
+    """
     for attempt in range(1, attempts + 1):
         try:
             return action()
@@ -50,9 +55,20 @@ def with_retries(action: Callable[[], T], what: str, attempts: int = 5, delay: f
     raise AssertionError("unreachable")
 
 
+# Transient object store errors (throttling, resets, 5xx) are retried by the libraries: s3fs
+# retries each call (its `retries`, 5 by default), botocore each request, here in its "standard"
+# mode (exponential backoff with jitter) unless storage_options set `config_kwargs.retries`.
+S3_RETRIES = {"mode": "standard", "max_attempts": 10}
+
+
 def filesystem(uri: str, storage_options: dict[str, Any] | None = None):
     """Return `(fs, path)` for a URI; `path` is what `fs` methods take."""
-    fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+    options = dict(storage_options or {})
+    if uri.split("://", 1)[0] in ("s3", "s3a"):
+        config = dict(options.get("config_kwargs") or {})
+        config.setdefault("retries", S3_RETRIES)
+        options["config_kwargs"] = config
+    fs, path = fsspec.core.url_to_fs(uri, **options)
     return fs, path
 
 
@@ -90,7 +106,8 @@ def write_bytes_atomic(fs, path: str, data: bytes, content_type: str | None = No
     """Write so that no reader sees a half-written file.
 
     Local disk: write a temporary file beside it, then rename. Object stores: one whole-object
-    put (`pipe_file`), visible only once complete, retried on transient errors; `content_type`
+    put (`pipe_file`), visible only once complete (the store's client retries transient
+    errors, see `filesystem`); `content_type`
     sets the object's Content-Type where the store supports it (for pages a browser opens).
     """
     if is_local(fs):
@@ -106,7 +123,7 @@ def write_bytes_atomic(fs, path: str, data: bytes, content_type: str | None = No
         protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
         keyword = _CONTENT_TYPE_KEYWORDS.get(protocol)
         extra = {keyword: content_type} if keyword and content_type else {}
-        with_retries(lambda: fs.pipe_file(path, data, **extra), f"writing {path}")
+        fs.pipe_file(path, data, **extra)
 
 
 def read_json(fs, path: str) -> Any | None:

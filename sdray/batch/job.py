@@ -18,6 +18,12 @@ from datetime import datetime, timezone
 from importlib import metadata as importlib_metadata
 from typing import Any
 
+from sdray.batch.cluster import (
+    check_paths_on_every_node,
+    collect_stats,
+    runtime_env_for_driver,
+    start_stats_actor,
+)
 from sdray.batch.lease import is_lease_file, output_lease
 from sdray.batch.read import read_prompts
 from sdray.batch.sink import (
@@ -75,24 +81,20 @@ class JobSummary:
         )
 
 
-# Passed from the driver to every worker of the job, so credentials and endpoints set where
-# `sdray` runs (the standard AWS variables, sdray's cache) reach the tasks that read and write.
-FORWARDED_ENV_PREFIXES = ("AWS_", "SDRAY_", "HF_HUB_OFFLINE", "S3_")
-
-
 def ensure_ray() -> None:
-    """Connect to the cluster in RAY_ADDRESS, or start a local one, once per process."""
-    import os
+    """Connect to the cluster in RAY_ADDRESS, or start a local one, once per process.
 
+    The driver's storage credentials and sdray settings reach every worker of the job through
+    a setup hook, never the job's `env_vars`, which Ray logs (see `sdray.batch.cluster`).
+    """
     import ray
 
     if not ray.is_initialized():
-        env = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIXES)}
         ray.init(
             logging_level=logging.WARNING,
             log_to_driver=True,
             include_dashboard=False,
-            runtime_env={"env_vars": env} if env else None,
+            runtime_env=runtime_env_for_driver(),
         )
 
 
@@ -319,11 +321,12 @@ def actor_resources(config: SdrayConfig) -> dict[str, float]:
     device = resolved_device(config)
     retries = config.batch.max_actor_restarts
     bounded = {"max_restarts": retries, "max_task_retries": retries}
-    if device == "cuda":
+    if device == "cuda" or config.model.reserve_gpus_on_cpu:
         if gpus == 0:
             _say(
-                "model.device=cuda but the Ray cluster has no GPUs now: the model actors wait "
-                "for GPU nodes to join (an autoscaling cluster adds them)"
+                f"model.device={device} with GPUs per model actor, but the Ray cluster has no "
+                "GPUs now: the model actors wait for GPU nodes to join (an autoscaling "
+                "cluster adds them)"
             )
         return {"num_gpus": config.batch.num_gpus_per_actor, "num_cpus": 1, **bounded}
     return {"num_cpus": config.batch.num_cpus_per_actor, **bounded}
@@ -543,6 +546,9 @@ def _run_generate(
     ensure_ray()
     _configure_progress(progress)
     say = _say if progress else (lambda message: None)
+    check_paths_on_every_node(
+        {"--input": input_uri, "model.source": config.model.source}, output=output_uri
+    )
     plan = plan_job(
         input_uri, config, output_uri=output_uri, resuming=previous is not None, say=say
     )
@@ -591,6 +597,7 @@ def _run_generate(
         storage_options=storage,
     )
     generate_started = time.perf_counter()
+    stats = start_stats_actor() if plan.todo_rows else None
     try:
         if plan.todo_rows:
             with warnings.catch_warnings():
@@ -618,6 +625,7 @@ def _run_generate(
                         "storage_options": storage,
                         "max_error_fraction": batch.max_error_fraction,
                         "preview_every": config.output.preview_every,
+                        "stats": stats,
                     },
                     batch_size=batch.batch_size,
                     batch_format="pyarrow",
@@ -640,6 +648,8 @@ def _run_generate(
                 "continue with --resume."
             ) from None
         raise failure from None
+    finally:
+        per_node = collect_stats(stats)
     generate_seconds = time.perf_counter() - generate_started
 
     generated = sum(s["ok"] for s in sink.shards)
@@ -663,6 +673,8 @@ def _run_generate(
             "wall_s": round(wall, 3),
         },
         throughput={"images_per_s": round(rate, 4)},
+        # Who made what this run, and how fast: a slow or failing machine stands out.
+        **per_node,
     )
     write_bytes_atomic(fs, join(root, MANIFEST), json.dumps(manifest, indent=2).encode())
     if ok + errors != plan.total:

@@ -204,6 +204,7 @@ class GenerateStage:
         model_sha256: str | None = None,
         model_family: str | None = None,
         preview_every: int = 0,
+        stats: Any = None,
     ) -> None:
         from sdray.engine import DiffusionEngine
 
@@ -224,6 +225,12 @@ class GenerateStage:
         self.min_rows_for_budget = min_rows_for_budget
         self.attempted = 0
         self.failed = 0
+        # stats: the job's GenerationStats actor (sdray.batch.cluster), for per-node figures.
+        self.reporter = None
+        if stats is not None:
+            from sdray.batch.cluster import StatsReporter
+
+            self.reporter = StatsReporter(stats)
         log.info("model actor ready in %.1fs", time.perf_counter() - started)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -244,6 +251,7 @@ class GenerateStage:
         ]
         preview_steps: list[list[int] | None] = [None] * len(rows)
         preview_frames: list[list[bytes] | None] = [None] * len(rows)
+        started, failed_before = time.perf_counter(), self.failed
         for index, result in zip(todo, self._generate(requests), strict=True):
             truncated[index] = result.truncated
             if result.error is None:
@@ -255,6 +263,9 @@ class GenerateStage:
                 status[index], errors[index] = "error", result.error
                 self.failed += 1
         self.attempted += len(todo)
+        if self.reporter is not None and todo:
+            failed = self.failed - failed_before
+            self.reporter.report(len(todo) - failed, failed, time.perf_counter() - started)
         self._check_budget()
         batch = _set_column(batch, "model", [self.model_name] * len(rows), pa.string())
         batch = _set_column(batch, "model_family", [self.model_family] * len(rows), pa.string())

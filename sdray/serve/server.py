@@ -49,7 +49,7 @@ def deployment_options(config: SdrayConfig, device: str) -> dict[str, Any]:
     """Ray Serve deployment options from the `serve` section: autoscaling, queues, resources."""
     settings = config.serve
     actor: dict[str, Any] = {"num_cpus": settings.num_cpus_per_replica}
-    if device == "cuda":
+    if device == "cuda" or config.model.reserve_gpus_on_cpu:
         actor["num_gpus"] = settings.num_gpus_per_replica
     return {
         "ray_actor_options": actor,
@@ -59,6 +59,7 @@ def deployment_options(config: SdrayConfig, device: str) -> dict[str, Any]:
             "target_ongoing_requests": settings.target_ongoing_requests,
             "upscale_delay_s": settings.upscale_delay_s,
             "downscale_delay_s": settings.downscale_delay_s,
+            "look_back_period_s": settings.look_back_period_s,
         },
         "max_ongoing_requests": settings.max_ongoing_requests,
         "max_queued_requests": settings.max_queued_requests,

@@ -251,6 +251,7 @@ def test_deployment_options_map_the_serve_config():
                 "target_ongoing_requests": 1.5,
                 "upscale_delay_s": 2,
                 "downscale_delay_s": 30,
+                "look_back_period_s": 5,
                 "max_ongoing_requests": 6,
                 "max_queued_requests": 12,
                 "overload_status_code": 429,
@@ -267,6 +268,7 @@ def test_deployment_options_map_the_serve_config():
         "target_ongoing_requests": 1.5,
         "upscale_delay_s": 2,
         "downscale_delay_s": 30,
+        "look_back_period_s": 5,
     }
     assert options["max_ongoing_requests"] == 6
     assert options["max_queued_requests"] == 12
@@ -275,6 +277,12 @@ def test_deployment_options_map_the_serve_config():
     assert GRACEFUL_SHUTDOWN_MARGIN_S > 0
     assert options["backpressure_config"] == {"status_code": 429, "retry_after_s": 3}
     assert deployment_options(config, "cuda")["ray_actor_options"] == {
+        "num_cpus": 0.25,
+        "num_gpus": 1.0,
+    }
+    # The testing switch: replicas reserve a GPU each while the engine runs on CPU.
+    config.model.reserve_gpus_on_cpu = True
+    assert deployment_options(config, "cpu")["ray_actor_options"] == {
         "num_cpus": 0.25,
         "num_gpus": 1.0,
     }
