@@ -109,6 +109,7 @@ def fingerprint_parts(config: SdrayConfig, model: dict[str, str]) -> dict[str, A
         "model_family": model["family"],
         "watermark": config.model.watermark,
         "dtype": resolved_dtype(config),
+        "levers": config.model.pixel_levers(),
         "generation": config.generation.model_dump(mode="json"),
         "output": config.output.model_dump(mode="json", exclude={"rows_per_shard"}),
     }
@@ -597,6 +598,7 @@ def _run_generate(
                         "torch_threads": batch.torch_threads,
                         "storage_options": storage,
                         "max_error_fraction": batch.max_error_fraction,
+                        "overlap": batch.overlap,
                     },
                     batch_size=batch.batch_size,
                     batch_format="pyarrow",

@@ -57,7 +57,16 @@ class ErrorBudgetExceeded(SdrayError):
 
 
 class GenerateStage:
-    """Model actor: loads the engine once, then turns ok rows into raw pixels."""
+    """Model actor: loads the engine once, then turns ok rows into raw pixels.
+
+    `__call__` is a coroutine, so Ray Data keeps several batches of a block in flight in one
+    actor. With `overlap` the engine runs in its own thread: while it denoises one batch, the
+    actor's event loop turns the next batch's rows into requests and the previous batch's
+    pixels into an Arrow column, and Ray Data moves blocks in and out, so the device never
+    waits on that host work (the engine thread hands its pixels over and starts the next batch
+    at once). Without `overlap`, each batch runs start to finish in the event loop, one at a
+    time.
+    """
 
     def __init__(
         self,
@@ -70,7 +79,10 @@ class GenerateStage:
         min_rows_for_budget: int = 32,
         model_sha256: str | None = None,
         model_family: str | None = None,
+        overlap: bool = True,
     ) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
         from sdray.engine import DiffusionEngine
 
         started = time.perf_counter()
@@ -89,19 +101,33 @@ class GenerateStage:
         self.min_rows_for_budget = min_rows_for_budget
         self.attempted = 0
         self.failed = 0
+        # One engine thread: batches reach the device one at a time, in order.
+        self._engine_thread = ThreadPoolExecutor(1, thread_name_prefix="sdray-engine")
+        self.overlap = overlap
         log.info("model actor ready in %.1fs", time.perf_counter() - started)
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
+    async def __call__(self, batch: pa.Table) -> pa.Table:
+        import asyncio
+
         require_columns(batch, [f.name for f in PREPARED_SCHEMA], "generate")
         _maybe_crash_once()
         rows = batch.select([f.name for f in PREPARED_SCHEMA]).to_pylist()
+        todo = [i for i, r in enumerate(rows) if r["status"] == "ok"]
+        requests = [request_from_row(rows[i]) for i in todo]
+        if self.overlap and requests:
+            loop = asyncio.get_running_loop()
+            results = await loop.run_in_executor(self._engine_thread, self._generate, requests)
+        else:
+            results = self._generate(requests)
+        return self._finish(batch, rows, todo, results)
+
+    def _finish(self, batch: pa.Table, rows: list[dict], todo: list[int], results) -> pa.Table:
+        """The generated rows' pixels, status and flags as columns of `batch`."""
         status = [r["status"] for r in rows]
         errors = [r["error"] for r in rows]
         pixels: list[bytes | None] = [None] * len(rows)
         truncated: list[bool | None] = [None] * len(rows)
-        todo = [i for i, r in enumerate(rows) if r["status"] == "ok"]
-        requests = [request_from_row(rows[i]) for i in todo]
-        for index, result in zip(todo, self._generate(requests), strict=True):
+        for index, result in zip(todo, results, strict=True):
             truncated[index] = result.truncated
             if result.error is None:
                 pixels[index] = result.image.tobytes()
