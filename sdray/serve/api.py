@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import logging
 import time
 import uuid
@@ -86,6 +87,10 @@ class ImageBackend(Protocol):
 
     async def generate(self, requests: Sequence[GenerationRequest]) -> list[ImageOutcome]:
         """One outcome per request, in order."""
+        ...
+
+    def incoming(self) -> contextlib.AbstractContextManager:
+        """Held while a request's body is read: its images are on their way to `generate`."""
         ...
 
 
@@ -200,11 +205,12 @@ def create_api(backend: ImageBackend, key_digests: tuple[str, ...] = ()) -> Fast
             if int(declared) > max_body_bytes:
                 raise too_large(int(declared))
         chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > max_body_bytes:
-                raise too_large(None)
-            chunks.append(chunk)
+        with backend.incoming():  # a forming batch may wait for this request's images
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > max_body_bytes:
+                    raise too_large(None)
+                chunks.append(chunk)
         return parse_body(b"".join(chunks), model)
 
     retry_after = {"Retry-After": str(max(1, round(limits.retry_after_s)))}

@@ -154,7 +154,9 @@ def test_outputs_that_recorded_dtype_auto_still_resume():
     from sdray.batch.job import _check_resumable, fingerprint_parts
     from sdray.config import config_from_dict
 
-    parts = fingerprint_parts(config_from_dict({"model": {"device": "cpu"}}), {"sha256": "m", "family": "sd"})
+    parts = fingerprint_parts(
+        config_from_dict({"model": {"device": "cpu"}}), {"sha256": "m", "family": "sd"}
+    )
     old = {**parts, "dtype": "auto"}
     _check_resumable({"fingerprint_parts": old, "config": {"model": {"device": "cpu"}}}, parts, "o")
     with pytest.raises(SdrayError, match="dtype: 'float16' -> 'float32'"):

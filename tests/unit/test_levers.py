@@ -15,7 +15,6 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 
 from sdray.config import ModelConfig
@@ -68,9 +67,9 @@ def reference(tiny_engine):
         ({"dtype": "bfloat16"}, 40),
         ({"dtype": "float16"}, 50),
     ],
-    ids=lambda value: "-".join(f"{k}={v}" for k, v in value.items())
-    if isinstance(value, dict)
-    else None,
+    ids=lambda value: (
+        "-".join(f"{k}={v}" for k, v in value.items()) if isinstance(value, dict) else None
+    ),
 )
 def test_lever_keeps_the_image(reference, levers, min_psnr):
     fast = engine(**levers)
