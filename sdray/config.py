@@ -195,8 +195,10 @@ class BatchConfig(_Section):
     )
     overlap: bool = Field(
         True,
-        description="Run the engine in its own thread in each model actor, so preparing the "
-        "next batch and handing over the last one's pixels overlap the device's work.",
+        description="Let each model actor take a second task while its engine works, so "
+        "fetching the next block and handing over the last one's pixels overlap the device's "
+        "work (Ray Data's max_concurrent_calls_per_actor=2; batches still reach the engine "
+        "one at a time).",
     )
     sort_by_shape: bool = Field(
         True, description="Order rows by size/steps/scheduler/guidance so batches stay homogeneous."

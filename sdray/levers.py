@@ -217,9 +217,10 @@ class CompiledShapes(torch.nn.Module):
             args = (timestep.to(torch.float32).expand(rows), *args[1:])
 
         def pad(value):
+            # Padded or not, contiguous: strides are guarded too, and must never differ.
             if isinstance(value, torch.Tensor) and value.ndim and value.shape[0] == rows:
                 extra = value[-1:].expand(bucket - rows, *value.shape[1:])
-                return torch.cat([value, extra]) if bucket > rows else value
+                return torch.cat([value, extra]) if bucket > rows else value.contiguous()
             return value
 
         def crop(value):

@@ -598,11 +598,16 @@ def _run_generate(
                         "torch_threads": batch.torch_threads,
                         "storage_options": storage,
                         "max_error_fraction": batch.max_error_fraction,
-                        "overlap": batch.overlap,
                     },
                     batch_size=batch.batch_size,
                     batch_format="pyarrow",
-                    compute=ActorPoolStrategy(min_size=batch.min_actors, max_size=batch.max_actors),
+                    compute=ActorPoolStrategy(
+                        min_size=batch.min_actors,
+                        max_size=batch.max_actors,
+                        # overlap: block I/O of one task beside the engine's work on another;
+                        # the engine itself still runs one batch at a time.
+                        max_concurrent_calls_per_actor=2 if batch.overlap else 1,
+                    ),
                     **actor_resources(config),
                 )
             (

@@ -59,13 +59,9 @@ class ErrorBudgetExceeded(SdrayError):
 class GenerateStage:
     """Model actor: loads the engine once, then turns ok rows into raw pixels.
 
-    `__call__` is a coroutine, so Ray Data keeps several batches of a block in flight in one
-    actor. With `overlap` the engine runs in its own thread: while it denoises one batch, the
-    actor's event loop turns the next batch's rows into requests and the previous batch's
-    pixels into an Arrow column, and Ray Data moves blocks in and out, so the device never
-    waits on that host work (the engine thread hands its pixels over and starts the next batch
-    at once). Without `overlap`, each batch runs start to finish in the event loop, one at a
-    time.
+    Ray Data runs `__call__` on one thread of the actor; with `batch.overlap` the actor takes
+    two tasks at once (`max_concurrent_calls_per_actor=2`), so fetching and slicing the next
+    block and serializing the last one's pixels overlap the engine's work on this one.
     """
 
     def __init__(
@@ -79,16 +75,15 @@ class GenerateStage:
         min_rows_for_budget: int = 32,
         model_sha256: str | None = None,
         model_family: str | None = None,
-        overlap: bool = True,
+        engine=None,
     ) -> None:
-        from concurrent.futures import ThreadPoolExecutor
-
         from sdray.engine import DiffusionEngine
 
         started = time.perf_counter()
         # model_sha256: the identity the driver recorded; an actor (re)starting after the model
         # changed under the job refuses to load it rather than mix two models in one output.
-        self.engine = DiffusionEngine.from_config(
+        # (`engine`: one loaded already, for benchmarks of the stage in-process.)
+        self.engine = engine or DiffusionEngine.from_config(
             model,
             max_batch_size=batch_size,
             torch_threads=torch_threads,
@@ -101,33 +96,19 @@ class GenerateStage:
         self.min_rows_for_budget = min_rows_for_budget
         self.attempted = 0
         self.failed = 0
-        # One engine thread: batches reach the device one at a time, in order.
-        self._engine_thread = ThreadPoolExecutor(1, thread_name_prefix="sdray-engine")
-        self.overlap = overlap
         log.info("model actor ready in %.1fs", time.perf_counter() - started)
 
-    async def __call__(self, batch: pa.Table) -> pa.Table:
-        import asyncio
-
+    def __call__(self, batch: pa.Table) -> pa.Table:
         require_columns(batch, [f.name for f in PREPARED_SCHEMA], "generate")
         _maybe_crash_once()
         rows = batch.select([f.name for f in PREPARED_SCHEMA]).to_pylist()
-        todo = [i for i, r in enumerate(rows) if r["status"] == "ok"]
-        requests = [request_from_row(rows[i]) for i in todo]
-        if self.overlap and requests:
-            loop = asyncio.get_running_loop()
-            results = await loop.run_in_executor(self._engine_thread, self._generate, requests)
-        else:
-            results = self._generate(requests)
-        return self._finish(batch, rows, todo, results)
-
-    def _finish(self, batch: pa.Table, rows: list[dict], todo: list[int], results) -> pa.Table:
-        """The generated rows' pixels, status and flags as columns of `batch`."""
         status = [r["status"] for r in rows]
         errors = [r["error"] for r in rows]
         pixels: list[bytes | None] = [None] * len(rows)
         truncated: list[bool | None] = [None] * len(rows)
-        for index, result in zip(todo, results, strict=True):
+        todo = [i for i, r in enumerate(rows) if r["status"] == "ok"]
+        requests = [request_from_row(rows[i]) for i in todo]
+        for index, result in zip(todo, self._generate(requests), strict=True):
             truncated[index] = result.truncated
             if result.error is None:
                 pixels[index] = result.image.tobytes()

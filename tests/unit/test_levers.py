@@ -155,6 +155,10 @@ def test_pixel_levers_are_fingerprinted_and_slicing_is_not():
 COMPILE = {"unet": True, "vae": True, "batch_sizes": [2], "sizes": ["64x64"]}
 
 
+# Compiling takes a minute of CPU per graph here (Inductor's C++ kernels); allow for a busy machine.
+COMPILE_TIMEOUT = pytest.mark.timeout(1800)
+
+
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory):
     cache = tmp_path_factory.mktemp("compile-cache")
@@ -162,6 +166,7 @@ def compiled(tmp_path_factory):
     return fast, cache
 
 
+@COMPILE_TIMEOUT
 def test_compiled_engine_warms_up_at_load_and_never_recompiles(compiled, tiny_engine):
     """The declared shapes are compiled while the engine loads; afterwards batch sizes (padded
     to the bucket) and schedulers (int or float timesteps) reuse them, and an undeclared size
@@ -190,6 +195,7 @@ def test_compiled_engine_warms_up_at_load_and_never_recompiles(compiled, tiny_en
     assert psnr(tiny_engine.generate([odd])[0].image, image) >= 60
 
 
+@COMPILE_TIMEOUT
 def test_a_second_process_loads_compiled_code_from_the_cache(compiled):
     """What the first engine compiled is on disk: a new process (the next actor or replica)
     finds every graph in the cache and compiles none."""
@@ -208,7 +214,7 @@ def test_a_second_process_loads_compiled_code_from_the_cache(compiled):
         [sys.executable, "-c", script, settings],
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=1500,
         env=dict(os.environ),
     )
     assert done.returncode == 0, done.stderr[-3000:]

@@ -1,6 +1,5 @@
 """Pipeline stages called directly on small batches, no cluster."""
 
-import asyncio
 import hashlib
 import io
 
@@ -45,7 +44,7 @@ def test_stages_chain_keeps_every_row_and_column(generate_stage):
         }
     )
     prepared = PrepareStage(GENERATION)(table)
-    generated = asyncio.run(generate_stage(prepared))
+    generated = generate_stage(prepared)
     assert generated.column("status").to_pylist() == ["ok", "error", "ok"]
     assert generated.column("truncated").to_pylist() == [False, None, False]
     assert generated.column(PIXELS_COLUMN).to_pylist()[1] is None
@@ -62,7 +61,7 @@ def test_stages_chain_keeps_every_row_and_column(generate_stage):
 
 def test_stage_names_missing_columns(generate_stage):
     with pytest.raises(ValueError, match="generate: missing input columns .*seed"):
-        asyncio.run(generate_stage(pa.table({"id": ["a"], "prompt": ["x"]})))
+        generate_stage(pa.table({"id": ["a"], "prompt": ["x"]}))
 
 
 def test_engine_failure_becomes_an_error_row(generate_stage, monkeypatch):
@@ -77,7 +76,7 @@ def test_engine_failure_becomes_an_error_row(generate_stage, monkeypatch):
 
     original = generate_stage.engine.generate
     monkeypatch.setattr(generate_stage.engine, "generate", fail_on_b)
-    out = asyncio.run(generate_stage(prepared))
+    out = generate_stage(prepared)
     assert out.column("status").to_pylist() == ["ok", "error"]
     assert "out of memory" in out.column("error").to_pylist()[1]
 
@@ -117,10 +116,10 @@ def test_mostly_failing_run_is_aborted(model_cache, monkeypatch):
 
     monkeypatch.setattr(stage.engine, "generate", always_fail)
     prepared = PrepareStage(GENERATION)(pa.table({"prompt": ["a", "b"], "steps": [1, 1]}))
-    out = asyncio.run(stage(prepared))  # 2 of 2 failed, but fewer rows than the budget's minimum
+    out = stage(prepared)  # 2 of 2 failed, but fewer rows than the budget's minimum
     assert out.column("status").to_pylist() == ["error", "error"]
     with pytest.raises(ErrorBudgetExceeded, match="4 of 4 rows failed"):
-        asyncio.run(stage(prepared))
+        stage(prepared)
 
 
 def test_device_fault_ends_the_actor_instead_of_failing_rows(generate_stage, monkeypatch):
@@ -137,4 +136,4 @@ def test_device_fault_ends_the_actor_instead_of_failing_rows(generate_stage, mon
     monkeypatch.setattr(stages, "_exit_actor", exit_actor)
     prepared = PrepareStage(GENERATION)(pa.table({"prompt": ["a", "b"], "steps": [1, 1]}))
     with pytest.raises(SystemExit, match="actor exited"):
-        asyncio.run(generate_stage(prepared))
+        generate_stage(prepared)
