@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--rows", type=int, default=256, help="images per measured run")
     bench.add_argument("--skip-ray", action="store_true", help="measure in-process only")
     bench.add_argument(
+        "--no-scaling", action="store_true", help="skip the one-actor run (multi-actor scaling)"
+    )
+    bench.add_argument(
         "--suite",
         choices=["pipeline", "gpu"],
         default="pipeline",
@@ -123,7 +126,7 @@ def _bench(args) -> int:
         print(summary_table(run_suite(args.out, ray=not args.skip_ray)))
         return 0
     config = load_config(args.config, args.overrides)
-    run_bench(config, rows=args.rows, include_ray=not args.skip_ray)
+    run_bench(config, rows=args.rows, include_ray=not args.skip_ray, scaling=not args.no_scaling)
     return 0
 
 

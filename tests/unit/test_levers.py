@@ -150,6 +150,24 @@ def test_pixel_levers_are_fingerprinted_and_slicing_is_not():
         assert print_of(**levers) != base, levers
 
 
+def test_a_resume_with_another_pixel_lever_is_refused_naming_it():
+    from sdray.batch.job import _check_resumable, fingerprint_parts
+    from sdray.config import config_from_dict
+    from sdray.errors import SdrayError
+
+    model = {"sha256": "m", "family": "sd"}
+    before = fingerprint_parts(config_from_dict({"model": {"device": "cpu"}}), model)
+    previous = {"fingerprint_parts": before, "config": {"model": {"device": "cpu"}}}
+    same = config_from_dict({"model": {"device": "cpu", "vae_slicing": True}})
+    _check_resumable(previous, fingerprint_parts(same, model), "out")  # slicing may change
+    tiled = config_from_dict({"model": {"device": "cpu", "vae_tiling": True}})
+    with pytest.raises(SdrayError, match="levers.vae_tiling: False -> True"):
+        _check_resumable(previous, fingerprint_parts(tiled, model), "out")
+    # An output written before the levers existed records none: it resumes.
+    old = {k: v for k, v in before.items() if k != "levers"}
+    _check_resumable({**previous, "fingerprint_parts": old}, fingerprint_parts(tiled, model), "o")
+
+
 # --- torch.compile: one engine, compiled for batches of up to 2 images at 64x64 -------------
 
 COMPILE = {"unet": True, "vae": True, "batch_sizes": [2], "sizes": ["64x64"]}
