@@ -292,6 +292,19 @@ def _accounting(run: RayRun, cores: int) -> list[str]:
     return lines
 
 
+class _Report(list):
+    """Report lines, each printed as soon as it is known (a long run shows its progress)."""
+
+    def append(self, line: str) -> None:
+        super().append(line)
+        print(line, flush=True)
+
+    def __iadd__(self, more):
+        for line in more:
+            self.append(line)
+        return self
+
+
 def run_bench(
     config: SdrayConfig, *, rows: int = 256, include_ray: bool = True, scaling: bool = True
 ) -> dict:
@@ -334,11 +347,12 @@ def run_bench(
         "device": engine.device,
         "engine_load_s": engine.load_seconds,
     }
-    lines = [
+    lines = _Report()
+    lines.append(
         f"sdray bench: model {engine.model_name} on {engine.device} ({engine.dtype}), {cores} cores, "
         f"{rows} images {gen.width}x{gen.height}, {gen.steps} steps {gen.scheduler}, "
-        f"guidance {gen.guidance_scale}, batch {batch_size}",
-    ]
+        f"guidance {gen.guidance_scale}, batch {batch_size}"
+    )
     base = results[0].rate
     for m in results:
         lines.append(
@@ -400,5 +414,4 @@ def run_bench(
                     f"{run.actors}x)"
                 )
                 figures["scaling"] = {"actors": run.actors, "one_actor": single, "factor": factor}
-    print("\n".join(lines), flush=True)
     return figures

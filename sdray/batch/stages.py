@@ -75,15 +75,13 @@ class GenerateStage:
         min_rows_for_budget: int = 32,
         model_sha256: str | None = None,
         model_family: str | None = None,
-        engine=None,
     ) -> None:
         from sdray.engine import DiffusionEngine
 
         started = time.perf_counter()
         # model_sha256: the identity the driver recorded; an actor (re)starting after the model
         # changed under the job refuses to load it rather than mix two models in one output.
-        # (`engine`: one loaded already, for benchmarks of the stage in-process.)
-        self.engine = engine or DiffusionEngine.from_config(
+        self.engine = DiffusionEngine.from_config(
             model,
             max_batch_size=batch_size,
             torch_threads=torch_threads,
