@@ -391,6 +391,13 @@ def run_bench(
             f"  actor start-up: {startup:.2f}s; peak RSS of Ray workers: "
             f"{run.processes.peak_mb:.0f} MB"
         )
+        times = sorted(run.commits)
+        if times:
+            tenth = [times[round(len(times) * q) - 1] for q in (0.1, 0.5, 0.9)]
+            lines.append(
+                f"  {len(times)} shard commits at {times[0]:.1f}s, 10% {tenth[0]:.1f}s, "
+                f"50% {tenth[1]:.1f}s, 90% {tenth[2]:.1f}s, last {times[-1]:.1f}s of the run"
+            )
         lines += _accounting(run, cores)
         figures.update(
             {
