@@ -15,8 +15,60 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class CompileConfig(_Section):
+    """`torch.compile` of the UNet and the VAE decoder: compiled once per declared shape at
+    model load (so never on a request), cached on disk so later actors and replicas load the
+    compiled code instead of compiling again."""
+
+    unet: bool = Field(False, description="Compile the UNet (the denoising loop's model).")
+    vae: bool = Field(False, description="Compile the VAE decoder.")
+    mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = (
+        Field(
+            "default",
+            description="torch.compile mode: `max-autotune` searches kernels (minutes at load), "
+            "`reduce-overhead` adds CUDA graphs.",
+        )
+    )
+    batch_sizes: list[int] | None = Field(
+        None,
+        description="Declared images-per-call buckets, compiled at load. A call pads its rows up "
+        "to the next bucket (padding rows are dropped), so batch sizes never recompile. "
+        "Default: powers of two up to the engine's max batch size.",
+    )
+    sizes: list[str] | None = Field(
+        None,
+        description="Declared image sizes `WxH`, compiled at load; other sizes run uncompiled "
+        "(never recompiled). Default: the model's native size.",
+    )
+    cache_dir: str | None = Field(
+        None,
+        description="Compiled-code cache (Inductor's FX graph/AOT caches) shared by the actors "
+        "and replicas of a node; default <model cache>/torch-compile.",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> CompileConfig:
+        if self.batch_sizes is not None and (not self.batch_sizes or min(self.batch_sizes) < 1):
+            raise ValueError(f"batch_sizes must be positive integers, got {self.batch_sizes}")
+        for size in self.sizes or []:
+            parse_size(size)
+        return self
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """`"WxH"` as (width, height), multiples of 8; a ValueError naming the text otherwise."""
+    try:
+        width, height = (int(part) for part in text.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"size {text!r} is not WIDTHxHEIGHT") from None
+    if width <= 0 or height <= 0 or width % 8 or height % 8:
+        raise ValueError(f"size {text!r}: width and height must be positive multiples of 8")
+    return width, height
+
+
 class ModelConfig(_Section):
-    """Which model to load, onto which device and in which precision."""
+    """Which model to load, onto which device, in which precision, and how fast (the levers:
+    dtype, attention, fused_qkv, channels_last, compile, vae_slicing, vae_tiling)."""
 
     source: str = Field(
         "tiny",
@@ -48,6 +100,55 @@ class ModelConfig(_Section):
         "replicas still reserve batch.num_gpus_per_actor / serve.num_gpus_per_replica GPUs "
         "(Ray accepts GPU resources on nodes without GPU hardware) while the engine runs on CPU.",
     )
+    attention: Literal["sdpa", "classic", "math", "flash", "efficient", "cudnn"] = Field(
+        "sdpa",
+        description="Attention kernel of the UNet and VAE: `sdpa` (PyTorch's "
+        "scaled_dot_product_attention, best backend for the device; diffusers' default), "
+        "`classic` (diffusers' pre-SDPA matmul-softmax-matmul, for comparison), or SDPA held "
+        "to one backend: `math`, `flash`, `efficient` (memory-efficient) or `cudnn` (the last "
+        "two on cuda only).",
+    )
+    fused_qkv: bool = Field(
+        False,
+        description="Fuse each attention's query/key/value projections into one matmul (UNet "
+        "and VAE); needs an SDPA attention.",
+    )
+    channels_last: bool = Field(
+        False, description="Keep the UNet's and VAE's convolution weights channels-last (NHWC)."
+    )
+    compile: CompileConfig = Field(
+        default_factory=CompileConfig, description="torch.compile of the UNet and VAE decoder."
+    )
+    vae_slicing: bool = Field(
+        False, description="Decode one image at a time (lower peak memory; same pixels)."
+    )
+    vae_tiling: bool = Field(
+        False,
+        description="Decode images larger than the VAE's tile (512 for SD 1.5, 1024 for SDXL) "
+        "in overlapping tiles blended together: bounded memory at any size (2048x2048 and "
+        "above), with slight blending differences.",
+    )
+
+    @model_validator(mode="after")
+    def _check_levers(self) -> ModelConfig:
+        if self.fused_qkv and self.attention == "classic":
+            raise ValueError("fused_qkv needs an SDPA attention, not attention='classic'")
+        return self
+
+    def pixel_levers(self) -> dict[str, Any]:
+        """The levers that change pixels (in the last bits, or at tile seams for tiling), for
+        the resume fingerprint. Slicing (bit-identical), compile buckets, sizes and cache do
+        not; precision is `dtype`, fingerprinted on its own."""
+        compiled = self.compile.unet or self.compile.vae
+        return {
+            "attention": self.attention,
+            "fused_qkv": self.fused_qkv,
+            "channels_last": self.channels_last,
+            "compile_unet": self.compile.unet,
+            "compile_vae": self.compile.vae,
+            "compile_mode": self.compile.mode if compiled else None,
+            "vae_tiling": self.vae_tiling,
+        }
 
 
 class GenerationConfig(_Section):
@@ -110,6 +211,13 @@ class BatchConfig(_Section):
     num_gpus_per_actor: float = Field(1.0, ge=0, description="GPUs per model actor on cuda.")
     torch_threads: int | None = Field(
         None, ge=1, description="Torch intra-op threads per actor; default max(1, num_cpus)."
+    )
+    overlap: bool = Field(
+        True,
+        description="Let each model actor take a second task while its engine works, so "
+        "fetching the next block and handing over the last one's pixels overlap the device's "
+        "work (Ray Data's max_concurrent_calls_per_actor=2; batches still reach the engine "
+        "one at a time).",
     )
     sort_by_shape: bool = Field(
         True, description="Order rows by size/steps/scheduler/guidance so batches stay homogeneous."

@@ -122,8 +122,11 @@ class DiffusionEngine:
         max_batch_size: int = 8,
         torch_threads: int | None = None,
         watermark: bool = False,
+        levers: ModelConfig | None = None,
     ) -> None:
         import torch
+
+        from sdray.levers import apply_levers
 
         started = time.perf_counter()
         if torch_threads:
@@ -146,6 +149,9 @@ class DiffusionEngine:
         )
         self.vae_scale_factor = self.plan.vae_scale_factor
         self.watermarker = _watermarker() if watermark and self.plan.family == SDXL else None
+        # Speed levers (attention, fused QKV, channels-last, VAE slicing/tiling, compile and
+        # its warm-up) from `levers` (a ModelConfig); `model.dtype` was applied above.
+        self.levers = apply_levers(self, levers) if levers is not None else {}
         self.load_seconds = time.perf_counter() - started
 
     @classmethod
@@ -177,6 +183,7 @@ class DiffusionEngine:
             max_batch_size=max_batch_size,
             torch_threads=torch_threads,
             watermark=config.watermark,
+            levers=config,
         )
 
     @property

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
+
+# pipelines/ is not a package: the benchmark tools the tests exercise are imported from there.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "pipelines"))
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -117,6 +117,7 @@ def fingerprint_parts(config: SdrayConfig, model: dict[str, str]) -> dict[str, A
         "model_family": model["family"],
         "watermark": config.model.watermark,
         "dtype": resolved_dtype(config),
+        "levers": config.model.pixel_levers(),
         "generation": config.generation.model_dump(mode="json"),
         "output": config.output.model_dump(mode="json", exclude={"rows_per_shard"}),
     }
@@ -629,7 +630,13 @@ def _run_generate(
                     },
                     batch_size=batch.batch_size,
                     batch_format="pyarrow",
-                    compute=ActorPoolStrategy(min_size=batch.min_actors, max_size=batch.max_actors),
+                    compute=ActorPoolStrategy(
+                        min_size=batch.min_actors,
+                        max_size=batch.max_actors,
+                        # overlap: block I/O of one task beside the engine's work on another;
+                        # the engine itself still runs one batch at a time.
+                        max_concurrent_calls_per_actor=2 if batch.overlap else 1,
+                    ),
                     **actor_resources(config),
                 )
             (

@@ -190,7 +190,12 @@ class ErrorBudgetExceeded(SdrayError):
 
 
 class GenerateStage:
-    """Model actor: loads the engine once, then turns ok rows into raw pixels."""
+    """Model actor: loads the engine once, then turns ok rows into raw pixels.
+
+    Ray Data runs `__call__` on one thread of the actor; with `batch.overlap` the actor takes
+    two tasks at once (`max_concurrent_calls_per_actor=2`), so fetching and slicing the next
+    block and serializing the last one's pixels overlap the engine's work on this one.
+    """
 
     def __init__(
         self,

@@ -143,10 +143,12 @@ def build_modules(name: str, device: str = "meta", dtype: Any = None) -> dict[st
     return modules
 
 
-def write_reference_model(name: str, directory: Path, *, weights: bool = False) -> Path:
+def write_reference_model(
+    name: str, directory: Path, *, weights: bool = False, device: str = "cpu"
+) -> Path:
     """A diffusers directory of the reference model: its configs, tokenizers (sdray's byte-level
     CLIP tokenizer, whose ids all fall inside the real vocabulary) and, with `weights`, random
-    float16 weights as safetensors (SDXL: about 7 GB)."""
+    float16 weights as safetensors (SDXL: about 7 GB), drawn on `device` (cuda: seconds)."""
     from sdray.models.tiny import write_tokenizer
 
     spec = REFERENCE[name]
@@ -169,7 +171,7 @@ def write_reference_model(name: str, directory: Path, *, weights: bool = False) 
     if weights:
         import torch
 
-        for folder, module in build_modules(name, device="cpu", dtype=torch.float16).items():
+        for folder, module in build_modules(name, device=device, dtype=torch.float16).items():
             module.save_pretrained(directory / folder, safe_serialization=True)
     return directory
 

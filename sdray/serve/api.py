@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import io
 import logging
 import time
@@ -96,6 +97,10 @@ class ImageBackend(Protocol):
     ) -> list[ImageOutcome]:
         """One outcome per request, in order; `on_preview(index, step, pixels)` (called from
         any thread) receives the previews the requests ask for (`preview_at`)."""
+        ...
+
+    def incoming(self) -> contextlib.AbstractContextManager:
+        """Held while a request's body is read: its images are on their way to `generate`."""
         ...
 
 
@@ -233,11 +238,12 @@ def create_api(backend: ImageBackend, key_digests: tuple[str, ...] = ()) -> Fast
             if int(declared) > limit:
                 raise refuse(int(declared))
         chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise refuse(None)
-            chunks.append(chunk)
+        with backend.incoming():  # a forming batch may wait for this request's images
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise refuse(None)
+                chunks.append(chunk)
         return parse_body(b"".join(chunks), model)
 
     retry_after = {"Retry-After": str(max(1, round(limits.retry_after_s)))}
@@ -341,9 +347,10 @@ def create_api(backend: ImageBackend, key_digests: tuple[str, ...] = ()) -> Fast
         """OpenAI Images API edits (multipart: `image`, optional `mask`, `prompt`, ...):
         image-to-image, or inpainting with a mask (transparent, or white where it has no
         transparency, is repainted); answered like /v1/images/generations."""
-        upload = await read_edit_form(
-            request, max_edit_bytes, text_bytes, too_large(max_edit_bytes)
-        )
+        with backend.incoming():  # a forming batch may wait for this request's images
+            upload = await read_edit_form(
+                request, max_edit_bytes, text_bytes, too_large(max_edit_bytes)
+            )
         form = parse_form(upload.fields)
         check_model(form.model, backend.model_name)
         shown = {"init_image": upload.image.shown()}

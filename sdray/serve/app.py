@@ -21,6 +21,7 @@ from sdray.engine import free_device_memory, is_device_fault
 from sdray.engine import is_out_of_memory as engine_out_of_memory
 from sdray.requests import GenerationRequest
 from sdray.serve.api import OUT_OF_MEMORY, SERVER_ERROR, UNAVAILABLE, ImageOutcome, create_api
+from sdray.serve.batcher import AdaptiveBatcher
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,8 @@ class ImageReplica:
     """A replica: loads the engine once, batches concurrent images, serves the HTTP API.
 
     The batching unit is one image, so the `n` images of a request count toward
-    `serve.max_batch_size` and a large `n` spreads over several engine calls. Each Serve batch
+    `serve.max_batch_size` and a large `n` spreads over several engine calls. Batches form when
+    the engine is free (`AdaptiveBatcher`): a lone request never waits for company. Each Serve batch
     is split into compatible groups (size, steps, scheduler, guidance) before it reaches the
     engine, so incompatible requests never share a denoising batch. When a batched engine call
     raises, its images are tried again one by one, so one bad request fails alone.
@@ -91,8 +93,9 @@ class ImageReplica:
         self._call_ids = itertools.count()
         self._failed_calls = 0  # engine calls in a row that raised
         self._fatal: str | None = None  # why the engine cannot serve any more
-        self._run_batch.set_max_batch_size(settings.max_batch_size)
-        self._run_batch.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
+        self.batcher = AdaptiveBatcher(
+            self.generate_batch, settings.max_batch_size, settings.batch_wait_timeout_s
+        )
         self._warm_up()
         log.info("replica ready: model %s on %s", self.model_name, self.device)
 
@@ -151,15 +154,15 @@ class ImageReplica:
             for index, request in enumerate(requests)
         ]
         try:
-            return list(await asyncio.gather(*(self._run_batch(job) for job in jobs)))
+            return await self.batcher.submit(jobs)
         except asyncio.CancelledError:
             for job in jobs:
                 job.abandoned = True
             raise
 
-    @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.05)  # set from the config in __init__
-    async def _run_batch(self, jobs: list[ImageJob]) -> list[ImageOutcome]:
-        return await self.generate_batch(jobs)
+    def incoming(self):
+        """Context of a request whose body is being read (see `AdaptiveBatcher.incoming`)."""
+        return self.batcher.incoming()
 
     async def generate_batch(self, jobs: list[ImageJob]) -> list[ImageOutcome]:
         """One Serve batch: compatible groups, one engine call each; outcomes in job order."""

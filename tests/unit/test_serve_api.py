@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import io
 import time
 
@@ -63,6 +64,9 @@ class FakeBackend:
 
     def ready(self) -> bool:
         return self.loaded
+
+    def incoming(self):
+        return contextlib.nullcontext()
 
     async def generate(self, requests, on_preview=None):
         self.seen.extend(requests)
@@ -269,7 +273,7 @@ def test_unexpected_exceptions_are_500s_with_an_openai_body():
 
 
 def test_load_generator_is_bounded_and_reads_the_serving_headers():
-    from sdray.serve.loadgen import (
+    from serve_load import (
         batching_gain,
         request_bodies,
         round_order,
