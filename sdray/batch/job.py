@@ -13,26 +13,29 @@ import sys
 import time
 import uuid
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata as importlib_metadata
 from typing import Any
 
-from sdray.batch.lease import is_lease_file, output_lease
-from sdray.batch.read import read_prompts
+from sdray.batch.ids import COMMITTED, IdRegistry
+from sdray.batch.lease import is_lease_file, lease_run, output_lease
+from sdray.batch.read import inspect_prompt_files, list_prompt_files
 from sdray.batch.sink import (
     IMAGES_DIR,
     MANIFEST,
     METADATA_DIR,
     ImageDatasink,
+    committed_shards,
     partitioning_record,
     remove_uncommitted,
 )
-from sdray.batch.stages import EncodeStage, ErrorBudgetExceeded, GenerateStage, PrepareStage
+from sdray.batch.stages import EncodeStage, ErrorBudgetExceeded, GenerateStage
+from sdray.batch.units import PrepareUnits, UnitStage, parse_unit_name, plan_read_tasks
 from sdray.config import SdrayConfig
 from sdray.errors import InputError, SdrayError
 from sdray.models import model_identity
-from sdray.requests import BATCH_KEY_COLUMN
+from sdray.requests import BATCH_KEY_COLUMN, REQUEST_COLUMNS
 from sdray.storage import (
     absolute_uri,
     filesystem,
@@ -58,7 +61,7 @@ class JobSummary:
     wall_seconds: float
     images_per_second: float
     manifest: dict[str, Any]
-    shards: list[dict[str, Any]]
+    shards: int
 
     def line(self) -> str:
         return (
@@ -321,52 +324,39 @@ def _say(message: str) -> None:
 
 
 def _configure_progress(progress: bool) -> None:
-    """Ray Data's progress bars on a terminal; elsewhere only sdray's own phase lines."""
+    """Ray Data's progress bars on a terminal; elsewhere only sdray's own phase lines (Ray
+    Data's log file keeps everything)."""
     from ray.data import DataContext
 
     context = DataContext.get_current()
     interactive = progress and sys.stderr.isatty()
     if not interactive:
-        logging.getLogger("ray.data").setLevel(logging.ERROR)
+        for handler in logging.getLogger("ray.data").handlers:
+            if getattr(handler, "stream", None) in (sys.stderr, sys.stdout):
+                handler.setLevel(logging.ERROR)
     context.enable_progress_bars = interactive
     context.enable_operator_progress_bars = False
     context.print_on_execution_start = False
     context.enable_auto_log_stats = False
 
 
-def _partitions_for(rows: int) -> int:
-    return max(1, min(64, rows // 100_000 + 1))
-
-
-def _duplicate_ids(prepared, rows: int, limit: int = 10) -> list[str]:
-    from ray.data.expressions import col
-
-    counts = prepared.groupby("id", num_partitions=_partitions_for(rows)).count()
-    dupes = counts.filter(expr=col("count()") > 1).take(limit)
-    return [row["id"] for row in dupes]
-
-
-def _invalid_examples(prepared, limit: int = 5) -> list[str]:
-    """A few invalid rows as `id: error`, for the user to see before generation starts."""
-    from ray.data.expressions import col
-
-    rows = prepared.filter(expr=col("status") == "error").select_columns(["id", "error"])
-    return [f"{row['id']}: {row['error']}" for row in rows.take(limit)]
-
-
-def _status_counts(prepared) -> dict[str, int]:
-    grouped = prepared.groupby("status", num_partitions=1).count()
+def _status_counts(dataset) -> dict[str, int]:
+    grouped = dataset.groupby("status", num_partitions=1).count()
     return {row["status"]: row["count()"] for row in grouped.take_all()}
 
 
 @dataclass
 class JobPlan:
-    """A validated job: the prepared rows in the object store, and what is left to generate."""
+    """A job ready to stream: its read tasks (each with the units an earlier run committed)."""
 
-    todo: Any  # ray.data.Dataset: the rows not committed yet, ordered for homogeneous batches
-    total: int
-    todo_rows: int
-    invalid: int
+    tasks: list[dict[str, Any]]
+    text_columns: list[str]
+    expected: Any  # pyarrow.Schema the read tasks conform chunks to
+    rows_per_unit: int
+    sources: list[str]  # the input files, in order
+    has_ids: bool
+    parquet_rows: int  # rows of the Parquet files, from their footers (text files: as read)
+    committed_paths: list[str] = field(default_factory=list)
 
 
 def plan_job(
@@ -374,69 +364,116 @@ def plan_job(
     config: SdrayConfig,
     *,
     output_uri: str,
-    resuming: bool,
-    say=lambda message: None,
+    previous: dict[str, Any] | None,
 ) -> JobPlan:
-    """Read and validate every row (materialized in the object store, never in the driver),
-    refuse duplicate ids and mostly-invalid tables, and leave out rows already committed."""
+    """List and peek at the input files, cut them into units (`sdray.batch.units`) and, on a
+    resume, find the units already committed from the names of the output's metadata files.
+    O(files + shards) work in the driver: no row is read here."""
     storage = config.storage.storage_options
-    say(f"reading and validating {input_uri}")
-    try:
-        prepared = (
-            read_prompts(input_uri, storage)
-            .map_batches(PrepareStage(config.generation), batch_format="pyarrow", num_cpus=0.25)
-            .materialize()
-        )
-    except Exception as error:
-        raise _unwrap(error) from None
-    missing = [c for c in config.output.partition_by if c not in prepared.columns()]
+    files = list_prompt_files(input_uri, storage)
+    for index, file in enumerate(files):
+        file["index"] = index
+    text_columns, expected, names = inspect_prompt_files(files, storage)
+    missing = [c for c in config.output.partition_by if c not in names and c not in REQUEST_COLUMNS]
     if missing:
         raise SdrayError(
             f"output.partition_by names columns the table does not have: {', '.join(missing)}"
         )
-    status = _status_counts(prepared)
-    total = sum(status.values())
-    if total == 0:
-        raise InputError(f"input {input_uri!r} holds no rows")
-    duplicates = _duplicate_ids(prepared, total)
-    if duplicates:
-        raise InputError(
-            "duplicate ids in the prompt table (each id must be unique): "
-            + ", ".join(map(repr, duplicates))
-        )
-    invalid = status.get("error", 0)
-    examples = _invalid_examples(prepared) if invalid else []
-    if invalid:
-        # Reported whatever the progress setting: these rows will not be generated.
-        _say(
-            f"{invalid} invalid rows will be recorded with status=error, for example:\n  "
-            + "\n  ".join(examples)
+    rows_per_unit = int((previous or {}).get("rows_per_unit") or config.output.rows_per_shard)
+    tasks = plan_read_tasks(files, rows_per_unit)
+    plan = JobPlan(
+        tasks=tasks,
+        text_columns=text_columns,
+        expected=expected,
+        rows_per_unit=rows_per_unit,
+        sources=[f["source"] for f in files],
+        has_ids="id" in names,
+        parquet_rows=sum(f.get("rows", 0) for f in files),
+    )
+    if previous is not None:
+        _attach_committed(plan, input_uri, output_uri, storage, len(config.output.partition_by))
+    return plan
+
+
+def _attach_committed(
+    plan: JobPlan, input_uri: str, output_uri: str, storage: dict[str, Any], depth: int
+) -> None:
+    """Give each read task the units of its range that an earlier run committed; refuse shards
+    that no unit of this input can have written."""
+    fs, root = filesystem(output_uri, storage)
+    committed = committed_shards(fs, root, depth)
+    by_group: dict[str, list[dict[str, Any]]] = {}
+    for task in plan.tasks:
+        by_group.setdefault(task["group"], []).append(task)
+    foreign = []
+    for name, shard in committed.items():
+        plan.committed_paths += shard["paths"]
+        parsed = parse_unit_name(name)
+        task = None
+        if parsed is not None:
+            group, index, digest = parsed
+            task = next(
+                (
+                    t
+                    for t in by_group.get(group, [])
+                    if t["units"] is None or t["first_unit"] <= index < t["first_unit"] + t["units"]
+                ),
+                None,
+            )
+        if task is None:
+            foreign += shard["paths"]
+            continue
+        task.setdefault("committed", {})[str(index)] = {"digest": digest, "pieces": shard["pieces"]}
+    if foreign:
+        import pyarrow.parquet as pq
+
+        def rows(paths: list[str]) -> int:
+            return sum(pq.read_metadata(p, filesystem=fs).num_rows for p in paths)
+
+        raise SdrayError(
+            f"cannot resume {output_uri!r}: {rows(foreign)} of its {rows(plan.committed_paths)} "
+            f"committed rows have ids that are not in {input_uri!r}. Resume with the input the "
+            "run started from, or start over with --overwrite."
         )
 
-    todo, todo_rows = prepared, total
-    committed = _read_metadata(output_uri, ["id"], storage) if resuming else None
-    if committed is not None:
-        # Partition-wise anti-join: no process ever holds every committed id.
-        todo = prepared.join(
-            committed, "left_anti", _partitions_for(total), on=("id",)
+
+def _one_unit_per_block(make):
+    """Build a dataset whose every row (a unit) is its own block, through all its stages: so
+    each unit is one task of each stage, whatever its size (the smallest block size there is;
+    the datasets built from it keep it)."""
+    from ray.data import DataContext
+
+    context = DataContext.get_current()
+    default = context.target_max_block_size
+    context.target_max_block_size = 1
+    try:
+        return make()
+    finally:
+        context.target_max_block_size = default
+
+
+def _start_registry(plan: JobPlan, storage: dict[str, Any], say) -> IdRegistry | None:
+    """The duplicate-id registry, when rows bring ids (derived ids are unique by construction),
+    holding the ids committed earlier first."""
+    import numpy as np
+    import ray
+
+    if not plan.has_ids:
+        return None
+    registry = IdRegistry.start(max(2, math.ceil(plan.parquet_rows / 25_000_000)), plan.sources)
+    if plan.committed_paths:
+        say(f"loading the ids of {len(plan.committed_paths)} committed shards")
+        fs, _ = filesystem(plan.committed_paths[0], storage)
+
+        def claim(batch):
+            ids = [i for i in batch.column("id").to_pylist() if i is not None]
+            registry.claim(ids, np.full(len(ids), COMMITTED, np.int64))
+            return batch.slice(0, 0)
+
+        ray.data.read_parquet(plan.committed_paths, columns=["id"], filesystem=fs).map_batches(
+            claim, batch_format="pyarrow", num_cpus=0.25
         ).materialize()
-        todo_rows = todo.count()
-        committed_rows = committed.count()
-        foreign = committed_rows - (total - todo_rows)
-        if foreign:
-            raise SdrayError(
-                f"cannot resume {output_uri!r}: {foreign} of its {committed_rows} committed rows "
-                f"have ids that are not in {input_uri!r}. Resume with the input the run started "
-                "from, or start over with --overwrite."
-            )
-    # Rows of one partition together keep shards whole; rows of one shape together keep
-    # denoising batches homogeneous.
-    order = [*config.output.partition_by]
-    if config.batch.sort_by_shape:
-        order.append(BATCH_KEY_COLUMN)
-    if order and todo_rows:
-        todo = todo.sort(order)
-    return JobPlan(todo, total, todo_rows, invalid)
+    return registry
 
 
 def run_generate(
@@ -456,8 +493,9 @@ def run_generate(
 
     `extra_owned`/`keep`: see `prepare_output` and `clear_output`. `generate_stage` is the model
     actor class; only benchmarks of the bookkeeping swap it for a stand-in. The run holds the
-    output's lease throughout (see `sdray.batch.lease`), so a second run cannot join it;
-    `hold_lease=False` only for a caller that holds it already (a sweep).
+    output's lease throughout (see `sdray.batch.lease`) and every shard commit checks it, so a
+    second run cannot join it; `hold_lease=False` only for a caller that holds it already (a
+    sweep).
     """
     input_uri, output_uri = absolute_uri(input_uri), absolute_uri(output_uri)
     lease = (
@@ -491,9 +529,7 @@ def _run_generate(
     keep: tuple[str, ...],
     generate_stage: type,
 ) -> JobSummary:
-    from ray.data import ActorPoolStrategy
-
-    started = time.perf_counter()
+    started, launched = time.perf_counter(), time.time()
     storage = config.storage.storage_options
     fs, root = filesystem(output_uri, storage)
     previous = prepare_output(
@@ -504,8 +540,10 @@ def _run_generate(
         storage_options=storage,
     )
     for column in config.output.partition_by:
-        if column in ("id", "image_path", "sha256", "error"):
-            raise SdrayError(f"output.partition_by: cannot partition by {column!r}")
+        if column in ("id", "image_path", "sha256", "error", "status", "model", "truncated"):
+            raise SdrayError(
+                f"output.partition_by: cannot partition by {column!r} (sdray sets it as it runs)"
+            )
     model = model_identity(
         config.model.source,
         cache_dir=config.model.cache_dir,
@@ -516,12 +554,12 @@ def _run_generate(
     if previous is not None:
         _check_resumable(previous, parts, output_uri)
 
+    ray_started = time.time()
     ensure_ray()
+    marks = {"ray_start": time.time() - ray_started}
     _configure_progress(progress)
     say = _say if progress else (lambda message: None)
-    plan = plan_job(
-        input_uri, config, output_uri=output_uri, resuming=previous is not None, say=say
-    )
+    plan = plan_job(input_uri, config, output_uri=output_uri, previous=previous)
     if overwrite:
         clear_output(output_uri, extra_owned, storage, keep)  # only now that the job can run
     if previous is not None:
@@ -529,14 +567,10 @@ def _run_generate(
             fs, root, len(config.output.partition_by), images=config.output.format
         )
         if removed:
-            say(f"removed {removed} uncommitted shard files left by the interrupted run")
-    plan_seconds = time.perf_counter() - started
-    done = f", {plan.total - plan.todo_rows} already committed" if previous else ""
-    say(
-        f"{plan.total} rows ({plan.invalid} invalid){done}; "
-        f"{plan.todo_rows} to write (invalid ones as error rows), with up to "
-        f"{config.batch.max_actors} model actors"
-    )
+            say(f"removed {removed} uncommitted shard files left by interrupted runs")
+    if plan.rows_per_unit != config.output.rows_per_shard:
+        say(f"shards of {plan.rows_per_unit} rows, as the run being resumed wrote them")
+    registry = _start_registry(plan, storage, say)
     manifest: dict[str, Any] = {
         "sdray_version": package_versions()["sdray"],
         "created": (previous or {}).get("created") or datetime.now(timezone.utc).isoformat(),
@@ -549,56 +583,29 @@ def _run_generate(
         "model": model,
         "fingerprint": fingerprint(parts),
         "fingerprint_parts": parts,
+        "rows_per_unit": plan.rows_per_unit,
     }
     write_bytes_atomic(fs, join(root, MANIFEST), json.dumps(manifest, indent=2).encode())
-
-    # Generate: spread the rows so every actor has work, then model actors, then CPU encoding.
-    batch = config.batch
-    rows_per_block = max(
-        1, min(batch.batch_size * 8, math.ceil(plan.todo_rows / (2 * batch.max_actors)))
+    marks["planned"] = time.time() - launched
+    done = f", resuming {len(plan.committed_paths)} committed shards" if previous else ""
+    say(
+        f"generating {input_uri} ({len(plan.sources)} files{done}) in shards of "
+        f"{plan.rows_per_unit} rows, with up to {config.batch.max_actors} model actors"
     )
     sink = ImageDatasink(
         output_uri,
         output_format=config.output.format,
         image_format=config.output.image_format,
-        rows_per_shard=config.output.rows_per_shard,
         partition_by=config.output.partition_by,
         run_id=uuid.uuid4().hex[:8],
+        lease_run=lease_run(fs, root),
         storage_options=storage,
     )
     generate_started = time.perf_counter()
     try:
-        if plan.todo_rows:
-            with warnings.catch_warnings():
-                # Ray Data 2.60 takes actor restart limits only through its deprecated
-                # **ray_remote_args (there is no named parameter yet); revisit on upgrade.
-                warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
-                pixels = plan.todo.repartition(
-                    target_num_rows_per_block=rows_per_block
-                ).map_batches(
-                    generate_stage,
-                    fn_constructor_kwargs={
-                        "model": config.model,
-                        "model_name": model["name"],
-                        "model_sha256": model["sha256"],
-                        "batch_size": batch.batch_size,
-                        "torch_threads": batch.torch_threads,
-                        "storage_options": storage,
-                        "max_error_fraction": batch.max_error_fraction,
-                    },
-                    batch_size=batch.batch_size,
-                    batch_format="pyarrow",
-                    compute=ActorPoolStrategy(min_size=batch.min_actors, max_size=batch.max_actors),
-                    **actor_resources(config),
-                )
-            (
-                pixels.map_batches(
-                    EncodeStage(config.output), batch_format="pyarrow", num_cpus=0.25
-                )
-                # Exact blocks of rows_per_shard rows (but the last): one block, one shard.
-                .repartition(target_num_rows_per_block=config.output.rows_per_shard, strict=True)
-                .write_datasink(sink, ray_remote_args={"num_cpus": 0.25})
-            )
+        _pipeline(plan, config, model, generate_stage, registry, output_uri).write_datasink(
+            sink, ray_remote_args={"num_cpus": 0.25}
+        )
     except Exception as error:
         failure = _unwrap(error)
         if isinstance(failure, ErrorBudgetExceeded):
@@ -607,43 +614,150 @@ def _run_generate(
                 "continue with --resume."
             ) from None
         raise failure from None
+    finally:
+        if registry is not None:
+            registry.close()
     generate_seconds = time.perf_counter() - generate_started
-
-    generated = sum(s["ok"] for s in sink.shards)
-    counts = (
-        _status_counts(_read_metadata(output_uri, ["status"], storage))
-        if previous
-        else {"ok": generated, "error": sum(s["error"] for s in sink.shards)}
+    return _finish(
+        manifest,
+        sink.stats,
+        config,
+        previous,
+        output_uri,
+        fs,
+        root,
+        started,
+        launched,
+        marks,
+        generate_seconds,
     )
+
+
+def _pipeline(
+    plan: JobPlan,
+    config: SdrayConfig,
+    model: dict[str, Any],
+    generate_stage: type,
+    registry,
+    output_uri: str,
+):
+    """The lazy Ray Data pipeline: read and prepare units (tasks) -> generate (model actors) ->
+    encode (tasks); one unit per block and per task all the way."""
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    batch = config.batch
+    storage = config.storage.storage_options
+    specs = [{"task": json.dumps(task)} for task in plan.tasks]
+    source = _one_unit_per_block(
+        lambda: ray.data.from_items(specs, override_num_blocks=max(1, min(len(specs), 200)))
+    )
+    prepare = PrepareUnits(
+        config.generation,
+        rows_per_unit=plan.rows_per_unit,
+        text_columns=plan.text_columns,
+        expected=plan.expected,
+        partition_by=config.output.partition_by,
+        order_by=[BATCH_KEY_COLUMN] if batch.sort_by_shape else [],
+        registry=registry,
+        storage_options=storage,
+        output_uri=output_uri,
+    )
+    units = source.map_batches(prepare, batch_size=1, batch_format="pyarrow", num_cpus=0.25)
+    with warnings.catch_warnings():
+        # Ray Data 2.60 takes actor restart limits only through its deprecated
+        # **ray_remote_args (there is no named parameter yet); revisit on upgrade.
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        pixels = units.map_batches(
+            UnitStage,
+            fn_constructor_kwargs={
+                "stage": generate_stage,
+                "rows_per_call": batch.batch_size,
+                "stamp": "generated_at",
+                "stage_kwargs": {
+                    "model": config.model,
+                    "model_name": model["name"],
+                    "model_sha256": model["sha256"],
+                    "batch_size": batch.batch_size,
+                    "torch_threads": batch.torch_threads,
+                    "storage_options": storage,
+                    "max_error_fraction": batch.max_error_fraction,
+                },
+            },
+            batch_size=1,
+            batch_format="pyarrow",
+            compute=ActorPoolStrategy(min_size=batch.min_actors, max_size=batch.max_actors),
+            **actor_resources(config),
+        )
+    return pixels.map_batches(
+        UnitStage(EncodeStage(config.output)), batch_size=1, batch_format="pyarrow", num_cpus=0.25
+    )
+
+
+def _finish(
+    manifest,
+    stats,
+    config,
+    previous,
+    output_uri,
+    fs,
+    root,
+    started,
+    launched,
+    marks,
+    generate_seconds,
+) -> JobSummary:
+    """Count what the output holds, write the final manifest, report."""
+    storage = config.storage.storage_options
+    total = stats.get("input_rows", 0)
+    if total == 0:
+        raise InputError(f"input {manifest['input']!r} holds no rows")
+    generated = stats.get("ok", 0)
+    if previous is not None:
+        counts = _status_counts(_read_metadata(output_uri, ["status"], storage))
+    else:
+        counts = {"ok": generated, "error": stats.get("error", 0)}
     ok, errors = counts.get("ok", 0), counts.get("error", 0)
+    if stats.get("invalid"):
+        _say(
+            f"{stats['invalid']} invalid rows recorded with status=error, for example:\n  "
+            + "\n  ".join(stats.get("examples", []))
+        )
     wall = time.perf_counter() - started
     rate = generated / generate_seconds if generate_seconds and generated else 0.0
+    for name in ("read", "actor_ready", "generated", "committed"):
+        at = stats.get(f"{name}_at")
+        if at is not None:
+            marks[f"first_{name}"] = at - launched
     manifest.update(
-        status="complete" if ok + errors == plan.total else "incomplete",
+        status="complete" if ok + errors == total else "incomplete",
         finished=datetime.now(timezone.utc).isoformat(),
         counts={"rows": ok + errors, "ok": ok, "error": errors, "generated_this_run": generated},
-        shards=len(sink.shards),
-        partitioning=partitioning_record(config.output.partition_by, sink.shards, previous),
+        shards=stats.get("shards", 0),
+        partitioning=partitioning_record(config.output.partition_by, [stats], previous),
         timings={
-            "plan_s": round(plan_seconds, 3),
+            "plan_s": round(marks["planned"], 3),
             "generate_s": round(generate_seconds, 3),
             "wall_s": round(wall, 3),
         },
+        # Seconds from the start of the run to each first: Ray up, the job planned, a unit read
+        # and validated, a model actor ready, a unit generated, a shard committed.
+        startup={name: round(seconds, 3) for name, seconds in marks.items()},
         throughput={"images_per_s": round(rate, 4)},
     )
     write_bytes_atomic(fs, join(root, MANIFEST), json.dumps(manifest, indent=2).encode())
-    if ok + errors != plan.total:
+    if ok + errors != total:
         raise SdrayError(
-            f"the output holds {ok + errors} metadata rows for {plan.total} input rows; "
+            f"the output holds {ok + errors} metadata rows for {total} input rows; "
             "run again with --resume to complete it"
         )
     return JobSummary(
         output_uri=output_uri,
-        rows=plan.total,
+        rows=total,
         ok=ok,
         error=errors,
         wall_seconds=wall,
         images_per_second=rate,
         manifest=manifest,
-        shards=sink.shards,
+        shards=stats.get("shards", 0),
     )
