@@ -379,7 +379,7 @@ def plan_job(
         raise SdrayError(
             f"output.partition_by names columns the table does not have: {', '.join(missing)}"
         )
-    rows_per_unit = int((previous or {}).get("rows_per_unit") or config.output.rows_per_shard)
+    rows_per_unit = int((previous or {}).get("rows_per_unit") or _shard_rows(files, config))
     tasks = plan_read_tasks(files, rows_per_unit)
     plan = JobPlan(
         tasks=tasks,
@@ -395,6 +395,16 @@ def plan_job(
     return plan
 
 
+def _shard_rows(files: list[dict[str, Any]], config: SdrayConfig) -> int:
+    """`output.rows_per_shard`, or fewer for a small table, so that every model actor has work
+    (a shard is the work of one actor call)."""
+    rows = sum(f.get("rows", f.get("rows_estimate", 0)) for f in files)
+    spread = (
+        math.ceil(rows / (2 * config.batch.max_actors)) if rows else config.output.rows_per_shard
+    )
+    return max(1, min(config.output.rows_per_shard, spread))
+
+
 def _attach_committed(
     plan: JobPlan, input_uri: str, output_uri: str, storage: dict[str, Any], depth: int
 ) -> None:
@@ -405,21 +415,25 @@ def _attach_committed(
     by_group: dict[str, list[dict[str, Any]]] = {}
     for task in plan.tasks:
         by_group.setdefault(task["group"], []).append(task)
+    old = [name for name in committed if parse_unit_name(name) is None]
+    if old:
+        raise SdrayError(
+            f"cannot resume {output_uri!r}: an earlier version of sdray wrote it (its shards, "
+            f"such as {old[0]!r}, are not named after the input rows they hold). Finish it "
+            "with that version, or start over with --overwrite."
+        )
     foreign = []
     for name, shard in committed.items():
         plan.committed_paths += shard["paths"]
-        parsed = parse_unit_name(name)
-        task = None
-        if parsed is not None:
-            group, index, digest = parsed
-            task = next(
-                (
-                    t
-                    for t in by_group.get(group, [])
-                    if t["units"] is None or t["first_unit"] <= index < t["first_unit"] + t["units"]
-                ),
-                None,
-            )
+        group, index, digest = parse_unit_name(name)
+        task = next(
+            (
+                t
+                for t in by_group.get(group, [])
+                if t["units"] is None or t["first_unit"] <= index < t["first_unit"] + t["units"]
+            ),
+            None,
+        )
         if task is None:
             foreign += shard["paths"]
             continue
@@ -428,7 +442,7 @@ def _attach_committed(
         import pyarrow.parquet as pq
 
         def rows(paths: list[str]) -> int:
-            return sum(pq.read_metadata(p, filesystem=fs).num_rows for p in paths)
+            return sum(pq.read_metadata(join(root, p), filesystem=fs).num_rows for p in paths)
 
         raise SdrayError(
             f"cannot resume {output_uri!r}: {rows(foreign)} of its {rows(plan.committed_paths)} "
@@ -452,7 +466,9 @@ def _one_unit_per_block(make):
         context.target_max_block_size = default
 
 
-def _start_registry(plan: JobPlan, storage: dict[str, Any], say) -> IdRegistry | None:
+def _start_registry(
+    plan: JobPlan, output_uri: str, storage: dict[str, Any], say
+) -> IdRegistry | None:
     """The duplicate-id registry, when rows bring ids (derived ids are unique by construction),
     holding the ids committed earlier first."""
     import numpy as np
@@ -463,14 +479,15 @@ def _start_registry(plan: JobPlan, storage: dict[str, Any], say) -> IdRegistry |
     registry = IdRegistry.start(max(2, math.ceil(plan.parquet_rows / 25_000_000)), plan.sources)
     if plan.committed_paths:
         say(f"loading the ids of {len(plan.committed_paths)} committed shards")
-        fs, _ = filesystem(plan.committed_paths[0], storage)
+        fs, _ = filesystem(output_uri, storage)
+        paths = [join(output_uri, p) for p in plan.committed_paths]
 
         def claim(batch):
             ids = [i for i in batch.column("id").to_pylist() if i is not None]
             registry.claim(ids, np.full(len(ids), COMMITTED, np.int64))
             return batch.slice(0, 0)
 
-        ray.data.read_parquet(plan.committed_paths, columns=["id"], filesystem=fs).map_batches(
+        ray.data.read_parquet(paths, columns=["id"], filesystem=fs).map_batches(
             claim, batch_format="pyarrow", num_cpus=0.25
         ).materialize()
     return registry
@@ -568,9 +585,9 @@ def _run_generate(
         )
         if removed:
             say(f"removed {removed} uncommitted shard files left by interrupted runs")
-    if plan.rows_per_unit != config.output.rows_per_shard:
+    if previous is not None and plan.rows_per_unit != config.output.rows_per_shard:
         say(f"shards of {plan.rows_per_unit} rows, as the run being resumed wrote them")
-    registry = _start_registry(plan, storage, say)
+    registry = _start_registry(plan, output_uri, storage, say)
     manifest: dict[str, Any] = {
         "sdray_version": package_versions()["sdray"],
         "created": (previous or {}).get("created") or datetime.now(timezone.utc).isoformat(),

@@ -35,6 +35,7 @@ READ_CHUNK_ROWS = 65_536
 # How much of a file the driver reads to learn its column types (Parquet: the footer, which
 # also gives its row count; CSV: the header, every column being text; JSON lines: this many).
 PEEK_JSON_LINES = 1000
+PEEK_BYTES = 1 << 20
 PEEK_THREADS = 16
 # A double at or above this may have lost digits of the integer it was written as.
 EXACT_DOUBLE = 2**53
@@ -396,8 +397,9 @@ def _tag(table: pa.Table, source: str, first: int) -> pa.Table:
 def peek_schema(file: dict[str, Any], storage_options: dict[str, Any] | None = None) -> pa.Schema:
     """A prompt file's columns and their types, read cheaply and inferred as the real read does.
 
-    Parquet: the footer (its row count lands in `file["rows"]`). CSV: the header, every column
-    text. JSON lines: the first `PEEK_JSON_LINES` lines.
+    Parquet: the footer, whose row count lands in `file["rows"]`. CSV: the header, every column
+    text. JSON lines: the first `PEEK_JSON_LINES` lines. For text files `file["rows_estimate"]`
+    gets a guess at their rows from the lines in their first megabyte (for sizing shards).
     """
     fs, path = filesystem(file["uri"], storage_options)
     try:
@@ -408,10 +410,16 @@ def peek_schema(file: dict[str, Any], storage_options: dict[str, Any] | None = N
                 metadata = pq.read_metadata(handle)
                 file["rows"] = metadata.num_rows
                 return metadata.schema.to_arrow_schema()
+            head = handle.read(PEEK_BYTES)
+            lines = head.count(b"\n") + (0 if not head or head.endswith(b"\n") else 1)
+            whole = len(head) < PEEK_BYTES
+            per_line = len(head) / max(1, lines)
+            file["rows_estimate"] = lines if whole else int(file.get("size", 0) / per_line)
             if file["format"] == "csv":
-                head = handle.read(1 << 20)
+                file["rows_estimate"] -= 1  # the header
                 names = _csv_names(pa.BufferReader(head)) if head.strip() else []
                 return pa.schema([(name, pa.string()) for name in names])
+            handle.seek(0)
             return _jsonl_table(handle, file["uri"], max_lines=PEEK_JSON_LINES).schema
     except (pa.ArrowInvalid, UnicodeDecodeError) as error:
         raise InputError(f"{file['uri']} cannot be read as {file['format']}: {error}") from None

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import tarfile
 import time
 from collections.abc import Iterable
@@ -49,6 +50,20 @@ LEADING_COLUMNS = [f.name for f in PREPARED_SCHEMA if f.name not in ("status", "
 ]
 WRITE_THREADS = 16  # image files one write task stores at once (`files`)
 EXAMPLES = 5
+# Fault injection for tests: when set to a path, the first write task to commit a shard creates
+# that file and exits at once, before Ray hears that it succeeded (as if its node died then).
+EXIT_AFTER_COMMIT_ENV = "SDRAY_TEST_EXIT_AFTER_COMMIT"
+
+
+def _maybe_exit_after_commit() -> None:
+    marker = os.environ.get(EXIT_AFTER_COMMIT_ENV)
+    if not marker:
+        return
+    try:
+        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return
+    os._exit(1)
 
 
 def sample_key(row_id: str) -> str:
@@ -227,8 +242,9 @@ def partitioning_record(
 
 
 def committed_shards(fs, root: str, partition_depth: int) -> dict[str, dict[str, Any]]:
-    """The committed shards of an output by unit: {unit: {"pieces": [partition dirs]}}, from
-    the metadata file names alone (one listing per partition level, never a file read)."""
+    """The committed shards of an output by unit: {unit: {"pieces": [partition dirs], "paths":
+    [metadata files, relative to the output]}}, from the metadata file names alone (one listing
+    per partition level, never a file read)."""
     base = join(root, METADATA_DIR)
     if not fs.exists(base):
         return {}
@@ -239,7 +255,7 @@ def committed_shards(fs, root: str, partition_depth: int) -> dict[str, dict[str,
         unit = name.removesuffix(".parquet")
         units.setdefault(unit, {"pieces": [], "paths": []})
         units[unit]["pieces"].append(directory + "/" if directory else "")
-        units[unit]["paths"].append(path)
+        units[unit]["paths"].append(f"{METADATA_DIR}/{relative}")
     return units
 
 
@@ -357,6 +373,7 @@ class ImageDatasink(Datasink):
         relative = f"{METADATA_DIR}/{directory}{unit}.parquet"
         if fs.exists(join(root, relative)):  # committed by an attempt Ray never heard back from
             return {"committed_elsewhere": chunk.num_rows}
+        check_held(fs, root, self.lease_run)  # a run that lost the output writes nothing more
         metadata = chunk.drop_columns([c for c in chunk.column_names if c.startswith("__sdray")])
         rows = metadata.to_pylist()
         keys = [sample_key(r["id"] or "") for r in rows]  # a duplicate's id is null; no image
@@ -369,11 +386,12 @@ class ImageDatasink(Datasink):
         ordered = [c for c in LEADING_COLUMNS if c in metadata.column_names]
         ordered += [c for c in metadata.column_names if c not in ordered]
         metadata = metadata.select([c for c in ordered if c not in self.partition_by])
-        check_held(fs, root, self.lease_run)  # fencing: a run that lost the output stops here
+        check_held(fs, root, self.lease_run)  # and checks again just before its commit
         if not create_new(fs, join(root, relative), _parquet_bytes(metadata)):  # the commit
             if any(paths):
                 fs.rm(join(root, IMAGES_DIR, writer.location(directory, shard)), recursive=True)
             return {"committed_elsewhere": chunk.num_rows}
+        _maybe_exit_after_commit()
         status = [r["status"] for r in rows]
         invalid = [r for r in rows if r["status"] != "ok" and r.get("truncated") is None]
         return {
