@@ -3,68 +3,90 @@
 A later row with an id already claimed is not generated: it is written as an error row naming
 the row that keeps the id, with a null id of its own, so no two output rows ever share an id and
 no barrier holds generation back. No process holds every id: claims go to registry actors by a
-hash of the id, each keeping 16-byte digests and their owners in sorted numpy arrays (24 bytes
+hash of the id, each keeping 128-bit digests and their owners in sorted numpy arrays (24 bytes
 an id). A row's owner is its position in the input, so a retried task claims the same ids again
 and still wins them. On resume, the ids committed earlier are claimed before any new row.
 """
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any
 
 import numpy as np
 
 COMMITTED = -1  # the owner of an id that an earlier run committed
 FILE_SHIFT = 40  # an owner is (file index << FILE_SHIFT) | row in that file
-KEY = np.dtype("S16")
+ABSENT = -2
 
 
-def digests(ids: list[str]) -> np.ndarray:
-    """16-byte digests of ids (collisions: about one in 10^20 for a billion ids)."""
-    return np.array(
-        [hashlib.blake2b(i.encode("utf-8", "surrogatepass"), digest_size=16).digest() for i in ids],
-        KEY,
+def digests(ids: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Two independent 64-bit hashes of each id (pandas' vectorized SipHash under two keys): a
+    128-bit digest, so two ids collide about once in 10^20 tables of a billion ids."""
+    from pandas.util import hash_array
+
+    values = np.array(ids, dtype=object)
+    return (
+        hash_array(values, hash_key="sdray-ids-key-01", categorize=False),
+        hash_array(values, hash_key="sdray-ids-key-02", categorize=False),
     )
 
 
 class ClaimStore:
-    """Digest -> owner, as a few sorted runs merged as they grow (each lookup searches every run,
-    of which there are at most log2 of the count)."""
+    """Digest -> owner, in a few runs sorted by digest and merged as they grow (a lookup
+    searches each run; there are at most log2 of the count)."""
 
     def __init__(self) -> None:
-        self.runs: list[tuple[np.ndarray, np.ndarray]] = []
+        self.runs: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # (hi, lo, owner)
 
     def __len__(self) -> int:
-        return sum(len(keys) for keys, _ in self.runs)
+        return sum(len(hi) for hi, _, _ in self.runs)
 
-    def owners(self, keys: np.ndarray) -> np.ndarray:
-        """The owner of each key, or -2 where none claimed it yet."""
-        found = np.full(len(keys), -2, np.int64)
-        for run_keys, run_owners in self.runs:
-            where = np.minimum(np.searchsorted(run_keys, keys), len(run_keys) - 1)
-            hit = run_keys[where] == keys
-            found[hit] = run_owners[where[hit]]
-        return found
+    def owners(self, hi: np.ndarray, lo: np.ndarray) -> np.ndarray:
+        """The owner of each digest, or ABSENT where none claimed it yet."""
+        order = np.argsort(hi)  # sorted needles search a large run much faster
+        hi, lo = hi[order], lo[order]
+        found = np.full(len(hi), ABSENT, np.int64)
+        for run_hi, run_lo, run_owners in self.runs:
+            at = np.searchsorted(run_hi, hi)
+            while True:  # digests equal in `hi` only sit side by side: look along them
+                same = np.zeros(len(hi), bool)
+                inside = at < len(run_hi)
+                same[inside] = run_hi[at[inside]] == hi[inside]
+                hit = same.copy()
+                hit[same] = run_lo[at[same]] == lo[same]
+                found[hit] = run_owners[at[hit]]
+                further = same & ~hit
+                if not further.any():
+                    break
+                at = np.where(further, at + 1, len(run_hi))
+        unsorted = np.empty_like(found)
+        unsorted[order] = found
+        return unsorted
 
-    def claim(self, keys: np.ndarray, owners: np.ndarray) -> np.ndarray:
-        """Give each unclaimed key to its smallest claimant here; return every key's owner."""
-        new = self.owners(keys) == -2
+    def claim(self, hi: np.ndarray, lo: np.ndarray, owners: np.ndarray) -> np.ndarray:
+        """Give each unclaimed digest to its smallest claimant here; return every one's owner."""
+        new = self.owners(hi, lo) == ABSENT
         if new.any():
-            order = np.lexsort((owners[new], keys[new]))
-            sorted_keys, sorted_owners = keys[new][order], owners[new][order]
-            first = np.ones(len(sorted_keys), bool)
-            first[1:] = sorted_keys[1:] != sorted_keys[:-1]
-            self._add(sorted_keys[first], sorted_owners[first])
-        return self.owners(keys)
+            hi_new, lo_new, owners_new = hi[new], lo[new], owners[new]
+            order = np.lexsort((owners_new, lo_new, hi_new))
+            hi_new, lo_new, owners_new = hi_new[order], lo_new[order], owners_new[order]
+            first = np.ones(len(order), bool)
+            first[1:] = (hi_new[1:] != hi_new[:-1]) | (lo_new[1:] != lo_new[:-1])
+            self._add(hi_new[first], lo_new[first], owners_new[first])
+        return self.owners(hi, lo)
 
-    def _add(self, keys: np.ndarray, owners: np.ndarray) -> None:
-        self.runs.append((keys, owners))
+    def _add(self, hi: np.ndarray, lo: np.ndarray, owners: np.ndarray) -> None:
+        self.runs.append((hi, lo, owners))
         while len(self.runs) > 1 and 2 * len(self.runs[-1][0]) >= len(self.runs[-2][0]):
-            (k2, o2), (k1, o1) = self.runs.pop(), self.runs.pop()
-            keys, owners = np.concatenate([k1, k2]), np.concatenate([o1, o2])
-            order = np.argsort(keys, kind="stable")
-            self.runs.append((keys[order], owners[order]))
+            (new_hi, new_lo, new_owners), (hi, lo, owners) = self.runs.pop(), self.runs.pop()
+            at = np.searchsorted(hi, new_hi)  # merge two sorted runs in one pass
+            self.runs.append(
+                (
+                    np.insert(hi, at, new_hi),
+                    np.insert(lo, at, new_lo),
+                    np.insert(owners, at, new_owners),
+                )
+            )
 
 
 class IdShard:
@@ -74,8 +96,8 @@ class IdShard:
         self.store = ClaimStore()
         self.sources = sources
 
-    def claim(self, keys: np.ndarray, owners: np.ndarray) -> np.ndarray:
-        return self.store.claim(keys, owners)
+    def claim(self, hi: np.ndarray, lo: np.ndarray, owners: np.ndarray) -> np.ndarray:
+        return self.store.claim(hi, lo, owners)
 
     def describe(self, owners: list[int]) -> list[str]:
         return [describe(owner, self.sources) for owner in owners]
@@ -109,16 +131,13 @@ class IdRegistry:
         keeps it is."""
         import ray
 
-        keys = digests(ids)
-        shard_of = keys.view(np.uint8).reshape(-1, 16)[:, 0] % len(self.shards)
+        hi, lo = digests(ids)
+        shard_of = hi % len(self.shards)
         winners = np.empty(len(ids), np.int64)
         parts = [np.flatnonzero(shard_of == s) for s in range(len(self.shards))]
-        replies = [
-            shard.claim.remote(keys[part], owners[part])
-            for shard, part in zip(self.shards, parts, strict=True)
-            if len(part)
-        ]
-        for part, reply in zip([p for p in parts if len(p)], ray.get(replies), strict=True):
+        parts = [(shard, part) for shard, part in zip(self.shards, parts, strict=True) if len(part)]
+        replies = [shard.claim.remote(hi[part], lo[part], owners[part]) for shard, part in parts]
+        for (_, part), reply in zip(parts, ray.get(replies), strict=True):
             winners[part] = reply
         lost = [int(w) for w, o in zip(winners, owners, strict=True) if w != o]
         where = (

@@ -370,40 +370,46 @@ class ImageDatasink(Datasink):
         return stats
 
     def _write_shard(self, fs, root, writer, directory: str, unit: str, chunk: pa.Table) -> dict:
+        import numpy as np
+        import pyarrow.compute as pc
+
         relative = f"{METADATA_DIR}/{directory}{unit}.parquet"
         if fs.exists(join(root, relative)):  # committed by an attempt Ray never heard back from
             return {"committed_elsewhere": chunk.num_rows}
         check_held(fs, root, self.lease_run)  # a run that lost the output writes nothing more
         metadata = chunk.drop_columns([c for c in chunk.column_names if c.startswith("__sdray")])
-        rows = metadata.to_pylist()
-        keys = [sample_key(r["id"] or "") for r in rows]  # a duplicate's id is null; no image
-        images = chunk.column(IMAGE_COLUMN).to_pylist()
+        present = np.flatnonzero(chunk.column(IMAGE_COLUMN).is_valid())  # error rows: no image
+        rows = metadata.take(present).to_pylist()
+        keys = [sample_key(r["id"]) for r in rows]
+        images = chunk.column(IMAGE_COLUMN).take(present).to_pylist()
         shard = f"{unit}-{self.run_id}"
-        paths = writer.write(
+        stored = writer.write(
             fs, root, f"{IMAGES_DIR}/{directory}", shard, ShardImages(keys, images, rows)
         )
+        paths: list[str | None] = [None] * chunk.num_rows
+        for index, path in zip(present, stored, strict=True):
+            paths[index] = path
         metadata = metadata.append_column("image_path", pa.array(paths, pa.string()))
         ordered = [c for c in LEADING_COLUMNS if c in metadata.column_names]
         ordered += [c for c in metadata.column_names if c not in ordered]
         metadata = metadata.select([c for c in ordered if c not in self.partition_by])
         check_held(fs, root, self.lease_run)  # and checks again just before its commit
         if not create_new(fs, join(root, relative), _parquet_bytes(metadata)):  # the commit
-            if any(paths):
+            if len(present):
                 fs.rm(join(root, IMAGES_DIR, writer.location(directory, shard)), recursive=True)
             return {"committed_elsewhere": chunk.num_rows}
         _maybe_exit_after_commit()
-        status = [r["status"] for r in rows]
-        invalid = [r for r in rows if r["status"] != "ok" and r.get("truncated") is None]
+        ok = pc.equal(chunk.column("status"), "ok")
+        # Rows in error before generation (invalid, or a duplicate id): no truncation flag.
+        invalid = chunk.filter(pc.and_(pc.invert(ok), pc.is_null(chunk.column("truncated"))))
+        examples = invalid.slice(0, EXAMPLES).select(["id", "error"]).to_pylist()
         return {
             "shards": 1,
-            "rows": len(rows),
-            "ok": sum(s == "ok" for s in status),
-            "error": sum(s != "ok" for s in status),
-            "invalid": len(invalid),
-            "examples": [
-                f"{r['id']}: {r['error']}" if r["id"] is not None else r["error"]
-                for r in invalid[:EXAMPLES]
-            ],
+            "rows": chunk.num_rows,
+            "ok": pc.sum(ok).as_py() or 0,
+            "error": chunk.num_rows - (pc.sum(ok).as_py() or 0),
+            "invalid": invalid.num_rows,
+            "examples": [f"{r['id']}: {r['error']}" if r["id"] else r["error"] for r in examples],
             "committed_at": time.time(),
             # Hive paths lose the partition columns' types; the manifest keeps them.
             "partition_types": {c: str(chunk.schema.field(c).type) for c in self.partition_by},

@@ -193,19 +193,15 @@ class EncodeStage:
 
         needed = [f.name for f in PREPARED_SCHEMA] + ["model", PIXELS_COLUMN]
         require_columns(batch, needed, "encode")
-        rows = batch.select(needed).to_pylist()
-        encoded: list[bytes | None] = []
-        digests: list[str | None] = []
-        for row in rows:
+        present = np.flatnonzero(batch.column(PIXELS_COLUMN).is_valid())  # error rows: none
+        encoded: list[bytes | None] = [None] * batch.num_rows
+        digests: list[str | None] = [None] * batch.num_rows
+        for index, row in zip(present, batch.select(needed).take(present).to_pylist(), strict=True):
             raw = row[PIXELS_COLUMN]
-            if raw is None:
-                encoded.append(None)
-                digests.append(None)
-                continue
             pixels = np.frombuffer(raw, np.uint8).reshape(row["height"], row["width"], 3)
             data = encode_image(pixels, self.image_format, infotext(row), self.quality)
-            encoded.append(data)
-            digests.append(hashlib.sha256(data).hexdigest())
+            encoded[index] = data
+            digests[index] = hashlib.sha256(data).hexdigest()
         batch = batch.drop_columns([PIXELS_COLUMN])
         batch = _set_column(batch, IMAGE_COLUMN, encoded, pa.binary())
         return _set_column(batch, "sha256", digests, pa.string())

@@ -120,19 +120,31 @@ def test_a_unit_name_says_which_rows_it_holds(tmp_path):
 
 def test_the_first_claim_of_an_id_wins_and_claims_repeat_safely():
     store = ClaimStore()
-    keys = digests(["a", "b", "a"])
-    assert store.claim(keys, np.array([5, 6, 2])).tolist() == [2, 6, 2]  # smallest claimant
-    assert store.claim(keys[:1], np.array([5])).tolist() == [2]  # a later row loses
-    assert store.claim(keys[:1], np.array([2])).tolist() == [2]  # a retried task still wins
+
+    def claim(ids, owners):
+        return store.claim(*digests(ids), np.array(owners)).tolist()
+
+    assert claim(["a", "b", "a"], [5, 6, 2]) == [2, 6, 2]  # the smallest claimant
+    assert claim(["a"], [5]) == [2]  # a later row loses
+    assert claim(["a"], [2]) == [2]  # a retried task still wins
     rng = np.random.default_rng(0)
     owners: dict[int, int] = {}
     for start in range(0, 20_000, 1000):  # many batches: sorted runs merge as they grow
         ids = rng.integers(0, 5000, 1000)
         positions = np.arange(start, start + 1000)
-        won = store.claim(digests([f"x{i}" for i in ids]), positions)
-        for i, p, w in zip(ids.tolist(), positions.tolist(), won.tolist(), strict=True):
+        won = claim([f"x{i}" for i in ids], positions)
+        for i, p, w in zip(ids.tolist(), positions.tolist(), won, strict=True):
             assert w == owners.setdefault(i, p)
     assert len(store) == 2 + len(owners) and len(store.runs) <= 15
+
+
+def test_digests_equal_in_one_half_are_still_different_ids():
+    store = ClaimStore()
+    hi = np.array([7, 7, 7, 8], np.uint64)
+    lo = np.array([1, 2, 1, 1], np.uint64)
+    assert store.claim(hi, lo, np.array([10, 11, 12, 13])).tolist() == [10, 11, 10, 13]
+    assert store.claim(hi[1:2], np.array([3], np.uint64), np.array([14])).tolist() == [14]
+    assert store.owners(hi, lo).tolist() == [10, 11, 10, 13]
 
 
 def _generated_unit(name: str, n: int = 3) -> pa.Table:
