@@ -137,8 +137,9 @@ def ray_data_counts() -> dict[str, int]:
     tasks = blocks = 0
     for log in logs.glob("ray-data-*.log"):
         text = log.read_text(errors="replace")
-        tasks += sum(int(n) for n in re.findall(r"'num_tasks_finished': (\d+)", text))
-        blocks += sum(int(n) for n in re.findall(r"'num_task_outputs_generated': (\d+)", text))
+        for final in re.findall(r"completed\. Operator Metrics:\n(\{.*)", text):
+            tasks += int(re.search(r"'num_tasks_finished': (\d+)", final)[1])
+            blocks += int(re.search(r"'num_task_outputs_generated': (\d+)", final)[1])
     return {"tasks": tasks, "blocks": blocks}
 
 
@@ -273,7 +274,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--rows", type=int, nargs="+", default=[10_000, 1_000_000, 10_000_000])
+    parser.add_argument("--rows", type=int, nargs="*", default=[10_000, 1_000_000, 10_000_000])
     parser.add_argument("--resume-rows", type=int, nargs="*", default=[10_000_000])
     parser.add_argument("--startup-rows", type=int, default=2000)
     parser.add_argument("--no-floor", action="store_true")

@@ -19,7 +19,7 @@ from importlib import metadata as importlib_metadata
 from typing import Any
 
 from sdray.batch.ids import COMMITTED, IdRegistry
-from sdray.batch.lease import is_lease_file, lease_run, output_lease
+from sdray.batch.lease import check_held, is_lease_file, lease_run, output_lease
 from sdray.batch.read import inspect_prompt_files, list_prompt_files
 from sdray.batch.sink import (
     IMAGES_DIR,
@@ -520,7 +520,7 @@ def run_generate(
         if hold_lease
         else contextlib.nullcontext()
     )
-    with lease:
+    with lease as run:
         return _run_generate(
             input_uri,
             output_uri,
@@ -531,6 +531,7 @@ def run_generate(
             extra_owned=extra_owned,
             keep=keep,
             generate_stage=generate_stage,
+            run=run,
         )
 
 
@@ -545,6 +546,7 @@ def _run_generate(
     extra_owned: tuple[str, ...],
     keep: tuple[str, ...],
     generate_stage: type,
+    run: str | None,
 ) -> JobSummary:
     started, launched = time.perf_counter(), time.time()
     storage = config.storage.storage_options
@@ -587,6 +589,7 @@ def _run_generate(
             say(f"removed {removed} uncommitted shard files left by interrupted runs")
     if previous is not None and plan.rows_per_unit != config.output.rows_per_shard:
         say(f"shards of {plan.rows_per_unit} rows, as the run being resumed wrote them")
+    run = run or lease_run(fs, root)  # a caller's (a sweep's) lease, when it holds one
     registry = _start_registry(plan, output_uri, storage, say)
     manifest: dict[str, Any] = {
         "sdray_version": package_versions()["sdray"],
@@ -602,6 +605,7 @@ def _run_generate(
         "fingerprint_parts": parts,
         "rows_per_unit": plan.rows_per_unit,
     }
+    check_held(fs, root, run)
     write_bytes_atomic(fs, join(root, MANIFEST), json.dumps(manifest, indent=2).encode())
     marks["planned"] = time.time() - launched
     done = f", resuming {len(plan.committed_paths)} committed shards" if previous else ""
@@ -614,8 +618,8 @@ def _run_generate(
         output_format=config.output.format,
         image_format=config.output.image_format,
         partition_by=config.output.partition_by,
-        run_id=uuid.uuid4().hex[:8],
-        lease_run=lease_run(fs, root),
+        run_id=(run or uuid.uuid4().hex)[:8],
+        lease_run=run,
         storage_options=storage,
     )
     generate_started = time.perf_counter()
@@ -635,6 +639,7 @@ def _run_generate(
         if registry is not None:
             registry.close()
     generate_seconds = time.perf_counter() - generate_started
+    check_held(fs, root, run)  # a run that lost the output leaves its manifest alone too
     return _finish(
         manifest,
         sink.stats,
@@ -730,7 +735,7 @@ def _finish(
     if total == 0:
         raise InputError(f"input {manifest['input']!r} holds no rows")
     generated = stats.get("ok", 0)
-    if previous is not None:
+    if previous is not None or stats.get("committed_elsewhere"):  # shards this run did not count
         counts = _status_counts(_read_metadata(output_uri, ["status"], storage))
     else:
         counts = {"ok": generated, "error": stats.get("error", 0)}
@@ -749,7 +754,14 @@ def _finish(
     manifest.update(
         status="complete" if ok + errors == total else "incomplete",
         finished=datetime.now(timezone.utc).isoformat(),
-        counts={"rows": ok + errors, "ok": ok, "error": errors, "generated_this_run": generated},
+        counts={
+            "rows": ok + errors,
+            "ok": ok,
+            "error": errors,
+            "generated_this_run": generated,
+            # rows whose shard a retried write found already committed (so wrote no more)
+            "committed_by_an_earlier_attempt": stats.get("committed_elsewhere", 0),
+        },
         shards=stats.get("shards", 0),
         partitioning=partitioning_record(config.output.partition_by, [stats], previous),
         timings={

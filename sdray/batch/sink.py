@@ -373,10 +373,10 @@ class ImageDatasink(Datasink):
         import numpy as np
         import pyarrow.compute as pc
 
+        check_held(fs, root, self.lease_run)  # a run that lost the output writes nothing more
         relative = f"{METADATA_DIR}/{directory}{unit}.parquet"
         if fs.exists(join(root, relative)):  # committed by an attempt Ray never heard back from
             return {"committed_elsewhere": chunk.num_rows}
-        check_held(fs, root, self.lease_run)  # a run that lost the output writes nothing more
         metadata = chunk.drop_columns([c for c in chunk.column_names if c.startswith("__sdray")])
         present = np.flatnonzero(chunk.column(IMAGE_COLUMN).is_valid())  # error rows: no image
         rows = metadata.take(present).to_pylist()
