@@ -51,6 +51,9 @@ TINY = [  # a new user's first run: the embedded model, 8x8 images, one step
 ]
 
 
+LAUNCHED = 0.0  # when the parent launched this child process (wall clock)
+
+
 class StandInGenerateStage:
     """STAND-IN for the model actor: no model, no images; rows stay as they are, with no pixels."""
 
@@ -168,10 +171,11 @@ def child(kind: str, input_uri: str, output_uri: str, settings: list[str]) -> di
     import ray
 
     keep_ray_data_logs()
+    imports = time.time() - LAUNCHED
     started = time.perf_counter()
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
     ray_start = time.perf_counter() - started
-    figures: dict = {"ray_start_s": round(ray_start, 2)}
+    figures: dict = {"imports_s": round(imports, 2), "ray_start_s": round(ray_start, 2)}
     with ObjectStorePeak() as store:
         if kind == "floor":
             figures["rows"] = floor(input_uri, output_uri, settings)
@@ -218,9 +222,13 @@ def floor(input_uri: str, output_uri: str, settings: list[str]) -> int:
     return sum(pq.read_metadata(p).num_rows for p in Path(output_uri).glob("*.parquet"))
 
 
-def measure(kind: str, input_dir: Path, output: Path, settings: list[str], watch: Path) -> dict:
-    """Run one child driver; time its first committed file from launch, by watching `watch`."""
-    command = [sys.executable, __file__, "--child", kind, str(input_dir), str(output)]
+def measure(
+    kind: str, input_dir: Path, output: Path, settings: list[str], watch: Path, limit: float
+) -> dict:
+    """Run one child driver; time its first committed file from launch, by watching `watch`.
+    A run past `limit` seconds is stopped and reported as such (`wall_s` is then None)."""
+    command = [sys.executable, __file__, "--launched", repr(time.time())]
+    command += ["--child", kind, str(input_dir), str(output)]
     before = count_files(watch)
     launched = time.perf_counter()
     process = subprocess.Popen(
@@ -230,6 +238,10 @@ def measure(kind: str, input_dir: Path, output: Path, settings: list[str], watch
     while process.poll() is None:
         if first is None and count_files(watch) > before:
             first = time.perf_counter() - launched
+        if time.perf_counter() - launched > limit:
+            process.kill()
+            process.communicate()
+            return {"first_commit_s": first, "wall_s": None, "limit_s": limit}
         time.sleep(0.1)
     out, err = process.communicate()
     if process.returncode:
@@ -239,6 +251,31 @@ def measure(kind: str, input_dir: Path, output: Path, settings: list[str], watch
         first = time.perf_counter() - launched
     figures["first_commit_s"] = round(first, 2) if first is not None else None
     return figures
+
+
+def startup_line(figures: dict) -> str:
+    """Where a small run's time to its first commit went, from the marks the job records."""
+    marks = figures.get("startup")
+    if not marks or figures.get("wall_s") is None:
+        return f"start-up: {figures}"
+    actor = marks["first_actor_ready"] - marks["planned"]
+    parts = {
+        "python and imports": figures["imports_s"],
+        "Ray start": figures["ray_start_s"],
+        "plan": marks["planned"],
+        "first unit read and validated": marks["first_read"] - marks["planned"],
+        "model actor start and load": actor,
+        "first batch": marks["first_generated"]
+        - max(marks["first_actor_ready"], marks["first_read"]),
+        "first write": marks["first_committed"] - marks["first_generated"],
+    }
+    bound = 2 * (figures["ray_start_s"] + actor)
+    return (
+        "start-up, seconds: "
+        + ", ".join(f"{name} {seconds:.1f}" for name, seconds in parts.items())
+        + f"; first commit {figures['first_commit_s']:.1f} s after launch, "
+        f"2 x (Ray start + actor start) = {bound:.1f} s"
+    )
 
 
 def count_files(directory: Path) -> int:
@@ -256,6 +293,10 @@ def drop_every_other_shard(output: Path) -> int:
 
 
 def row(label: str, rows: int, figures: dict) -> str:
+    if figures["wall_s"] is None:
+        first = figures["first_commit_s"]
+        seen = f"first commit after {first:.1f} s" if first else "no shard committed"
+        return f"| {label:<22} | {rows:>11,} | stopped after {figures['limit_s']:.0f} s: {seen} |"
     rate = figures["rows"] / figures["wall_s"] if figures["wall_s"] else 0
     return (
         f"| {label:<22} | {rows:>11,} | {figures['first_commit_s'] or float('nan'):>8.1f} | "
@@ -278,10 +319,14 @@ def main() -> None:
     parser.add_argument("--resume-rows", type=int, nargs="*", default=[10_000_000])
     parser.add_argument("--startup-rows", type=int, default=2000)
     parser.add_argument("--no-floor", action="store_true")
+    parser.add_argument("--limit", type=float, default=3600, help="seconds per run at most")
     parser.add_argument("--workdir", help="where tables and outputs go (default: a temp dir)")
     parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument("--launched", type=float, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
+        global LAUNCHED
+        LAUNCHED = args.launched
         kind, input_dir, output, settings = args.child
         print(json.dumps(child(kind, input_dir, output, json.loads(settings))))
         return
@@ -294,26 +339,27 @@ def main() -> None:
             inputs.mkdir(parents=True, exist_ok=True)
             write_prompts(inputs, args.startup_rows, files=1)
             output = workdir / "startup-out"
-            figures = measure("startup", inputs, output, TINY, output / "metadata")
+            figures = measure("startup", inputs, output, TINY, output / "metadata", args.limit)
             print(row("tiny model, 8x8, 1 step", args.startup_rows, figures), flush=True)
-            startup = figures.get("startup") or {}
-            print(f"start-up breakdown (s): ray start {figures['ray_start_s']}, {startup}")
+            print(startup_line(figures), flush=True)
             shutil.rmtree(output, ignore_errors=True)
         for rows in args.rows:
             inputs = workdir / f"in-{rows}"
             inputs.mkdir(parents=True, exist_ok=True)
             write_prompts(inputs, rows)
             output = workdir / f"out-{rows}"
-            figures = measure("run", inputs, output, SETTINGS, output / "metadata")
+            figures = measure("run", inputs, output, SETTINGS, output / "metadata", args.limit)
             print(row("sdray", rows, figures), flush=True)
             if not args.no_floor:
                 floor_out = workdir / f"floor-{rows}"
-                figures = measure("floor", inputs, floor_out, SETTINGS, floor_out)
+                figures = measure("floor", inputs, floor_out, SETTINGS, floor_out, args.limit)
                 print(row("floor: bare Ray Data", rows, figures), flush=True)
                 shutil.rmtree(floor_out, ignore_errors=True)
             if rows in args.resume_rows:
                 dropped = drop_every_other_shard(output)
-                figures = measure("resume", inputs, output, SETTINGS, output / "metadata")
+                figures = measure(
+                    "resume", inputs, output, SETTINGS, output / "metadata", args.limit
+                )
                 print(row(f"resume ({dropped} shards lost)", rows, figures), flush=True)
             shutil.rmtree(output, ignore_errors=True)
             shutil.rmtree(inputs, ignore_errors=True)

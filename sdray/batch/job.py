@@ -695,7 +695,7 @@ def _pipeline(
             fn_constructor_kwargs={
                 "stage": generate_stage,
                 "rows_per_call": batch.batch_size,
-                "stamp": "generated_at",
+                "generates": True,
                 "stage_kwargs": {
                     "model": config.model,
                     "model_name": model["name"],
@@ -754,14 +754,10 @@ def _finish(
     manifest.update(
         status="complete" if ok + errors == total else "incomplete",
         finished=datetime.now(timezone.utc).isoformat(),
-        counts={
-            "rows": ok + errors,
-            "ok": ok,
-            "error": errors,
-            "generated_this_run": generated,
-            # rows whose shard a retried write found already committed (so wrote no more)
-            "committed_by_an_earlier_attempt": stats.get("committed_elsewhere", 0),
-        },
+        counts={"rows": ok + errors, "ok": ok, "error": errors, "generated_this_run": generated},
+        # Rows whose shard a write found already committed by another attempt, so wrote no
+        # more (a retried task whose first attempt committed, then died unheard).
+        committed_by_other_attempts=stats.get("committed_elsewhere", 0),
         shards=stats.get("shards", 0),
         partitioning=partitioning_record(config.output.partition_by, [stats], previous),
         timings={

@@ -221,7 +221,7 @@ def _refusal(output_uri: str, record: dict[str, Any]) -> OutputInUse:
 
 def _holder_gone(store: _LeaseStore, record: dict[str, Any], version: Any) -> bool | None:
     """Whether the lease's holder is gone; may watch it for up to STALE_AFTER_SECONDS.
-    None: the lease changed while watched (renewed, released or taken): look at it again."""
+    None: it was released or taken by another run while watched; look at it again."""
     alive = _holder_alive_here(record)
     if alive is not None:
         return not alive
@@ -235,8 +235,9 @@ def _holder_gone(store: _LeaseStore, record: dict[str, Any], version: Any) -> bo
     deadline = time.monotonic() + STALE_AFTER_SECONDS
     while time.monotonic() < deadline:
         time.sleep(min(5.0, HEARTBEAT_SECONDS / 3, STALE_AFTER_SECONDS / 4))
-        if store.read()[1] != version:
-            return None
+        now, now_version = store.read()
+        if now_version != version:
+            return False if now and now.get("run") == record.get("run") else None  # renewed
     return True
 
 
@@ -307,34 +308,34 @@ class _Holder:
         self._stop = threading.Event()
 
     def acquire(self, output_uri: str) -> None:
-        for _ in range(5):
+        """Create the lease, or take it over from a holder that is gone; refuse a live one."""
+        for _ in range(5):  # each pass reads the lease afresh: another run may race us for it
             current, version = self.store.read()
-            if current is not None and current.get("run") == self.record["run"]:
-                self.version = version  # our write landed, though its reply was an error
-                break
             try:
-                gone = None if current is None else _holder_gone(self.store, current, version)
-                self.record["heartbeat"] = time.time()  # fresh when written, however long we waited
                 if current is None:
-                    self.version = self.store.create(self.record)
-                elif gone is None:
-                    watched = self.store.read()[0]
-                    if watched is not None and watched.get("run") == current.get("run"):
-                        raise _refusal(output_uri, watched)  # its holder renewed it: alive
-                    continue  # released, or another run's now: look again
-                elif not gone:
-                    raise _refusal(output_uri, current)
+                    self.version = self.store.create(self._stamped())
+                elif current.get("run") == self.record["run"]:
+                    self.version = version  # our write landed, though its reply was an error
                 else:
+                    gone = _holder_gone(self.store, current, version)
+                    if gone is None:
+                        continue
+                    if not gone:
+                        raise _refusal(output_uri, current)
                     log.warning(
                         "taking over the lease of a run that is gone: %s", _describe(current)
                     )
-                    self.version = self.store.replace(self.record, version)
-                break
+                    self.version = self.store.replace(self._stamped(), version)
             except (FileExistsError, LeaseLost):
                 time.sleep(random.uniform(0.05, 0.5))  # another run changed it first
-        else:
-            raise _refusal(output_uri, self.store.read()[0] or {})
-        threading.Thread(target=self._renew, name="sdray-lease", daemon=True).start()
+                continue
+            threading.Thread(target=self._renew, name="sdray-lease", daemon=True).start()
+            return
+        raise _refusal(output_uri, self.store.read()[0] or {})
+
+    def _stamped(self) -> dict[str, Any]:
+        self.record["heartbeat"] = time.time()  # fresh when written, however long we waited
+        return self.record
 
     def _renew(self) -> None:
         while not self._stop.wait(HEARTBEAT_SECONDS):
@@ -342,8 +343,7 @@ class _Holder:
                 if self._stop.is_set():
                     return
                 try:
-                    self.record["heartbeat"] = time.time()
-                    self.version = self.store.replace(self.record, self.version)
+                    self.version = self.store.replace(self._stamped(), self.version)
                     continue
                 except LeaseLost:
                     pass

@@ -148,39 +148,16 @@ def _csv_chunks(handle, uri: str) -> Iterator[pa.Table]:
     """A CSV file in record batches, streamed (never the whole file in memory)."""
     from pyarrow import csv
 
-    data = handle.read(1 << 20)  # the header's block, to learn the column names
-    rest = handle
-    head = pa.BufferReader(data)
-    names = _csv_names(head) if data else []
-    stream = _Concat(data, rest)
+    if not handle.read(1 << 16).strip():
+        return  # an empty file
     try:
-        reader = csv.open_csv(stream, convert_options=_csv_options(names))
-        for batch in reader:
+        handle.seek(0)
+        names = _csv_names(handle)  # the header, from the first block
+        handle.seek(0)
+        for batch in csv.open_csv(handle, convert_options=_csv_options(names)):
             yield pa.Table.from_batches([batch])
     except pa.ArrowInvalid as error:
-        if not data.strip():
-            return
         raise InputError(f"{uri} cannot be read as csv: {error}") from None
-
-
-class _Concat(io.RawIOBase):
-    """Bytes already read, then the rest of a file: lets the header be read twice."""
-
-    def __init__(self, head: bytes, rest) -> None:
-        self.head, self.rest = memoryview(head), rest
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer) -> int:
-        if self.head:
-            n = min(len(buffer), len(self.head))
-            buffer[:n] = self.head[:n]
-            self.head = self.head[n:]
-            return n
-        data = self.rest.read(len(buffer))
-        buffer[: len(data)] = data
-        return len(data)
 
 
 def _csv_table(handle, uri: str) -> pa.Table:

@@ -193,10 +193,11 @@ def unit_row(name: str, rows: int, done: int, table: pa.Table | None) -> pa.Tabl
 
 class UnitStage:
     """A row stage (see `sdray.batch.stages`) applied to the rows of each unit of a batch,
-    `rows_per_call` rows at a time; `stamp` names the unit column that records when it was done.
+    `rows_per_call` rows at a time.
 
     `stage` is a stage object, or a class built once per process (a model actor) from
-    `stage_kwargs`.
+    `stage_kwargs`; `generates`: record on each unit when this process was ready and when it
+    was done with the unit (the start-up figures in the manifest).
     """
 
     def __init__(
@@ -204,11 +205,11 @@ class UnitStage:
         stage: Any,
         rows_per_call: int | None = None,
         stage_kwargs: dict[str, Any] | None = None,
-        stamp: str | None = None,
+        generates: bool = False,
     ) -> None:
         self.stage = stage(**(stage_kwargs or {})) if isinstance(stage, type) else stage
         self.rows_per_call = rows_per_call
-        self.stamp = stamp
+        self.generates = generates
         self.ready_at = time.time()
 
     def __call__(self, units: pa.Table) -> pa.Table:
@@ -221,17 +222,16 @@ class UnitStage:
             step = self.rows_per_call or rows.num_rows
             parts = [self.stage(rows.slice(i, step)) for i in range(0, rows.num_rows, step)]
             packed.append(pack(pa.concat_tables(parts, promote_options="permissive")))
-        units = units.set_column(
-            units.column_names.index("table"), "table", pa.array(packed, pa.binary())
-        )
-        if self.stamp:
-            now = pa.array([time.time()] * units.num_rows, pa.float64())
-            units = units.set_column(units.column_names.index(self.stamp), self.stamp, now)
-            ready = pa.array([self.ready_at] * units.num_rows, pa.float64())
-            units = units.set_column(
-                units.column_names.index("actor_ready_at"), "actor_ready_at", ready
-            )
+        units = _set(units, "table", pa.array(packed, pa.binary()))
+        if self.generates:
+            units = _set(units, "actor_ready_at", [self.ready_at] * units.num_rows)
+            units = _set(units, "generated_at", [time.time()] * units.num_rows)
         return units
+
+
+def _set(table: pa.Table, name: str, values) -> pa.Table:
+    column = values if isinstance(values, pa.Array) else pa.array(values, pa.float64())
+    return table.set_column(table.column_names.index(name), name, column)
 
 
 class InputChanged(SdrayError):

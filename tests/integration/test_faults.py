@@ -148,7 +148,7 @@ def test_a_node_lost_mid_run_and_a_commit_ray_never_heard_of(cluster, env, tmp_p
     manifest = json.loads((output / "manifest.json").read_text())
     assert manifest["status"] == "complete"
     # The task that exited after committing was retried, and its retry found the shard done.
-    assert manifest["counts"]["committed_by_an_earlier_attempt"] >= 1
+    assert manifest["committed_by_other_attempts"] >= 1
     print(f"run with a node lost: {elapsed:.0f}s")
 
 
