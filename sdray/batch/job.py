@@ -6,36 +6,33 @@ import contextlib
 import hashlib
 import json
 import logging
-import math
 import platform
 import re
 import sys
 import time
 import uuid
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import metadata as importlib_metadata
 from typing import Any
 
-from sdray.batch.ids import COMMITTED, IdRegistry
 from sdray.batch.lease import check_held, is_lease_file, lease_run, output_lease
-from sdray.batch.read import inspect_prompt_files, list_prompt_files
+from sdray.batch.plan import JobPlan, plan_job, start_registry
 from sdray.batch.sink import (
     IMAGES_DIR,
     MANIFEST,
     METADATA_DIR,
     ImageDatasink,
-    committed_shards,
     partitioning_record,
     remove_uncommitted,
 )
 from sdray.batch.stages import EncodeStage, ErrorBudgetExceeded, GenerateStage
-from sdray.batch.units import PrepareUnits, UnitStage, parse_unit_name, plan_read_tasks
+from sdray.batch.units import PrepareUnits, UnitStage
 from sdray.config import SdrayConfig
 from sdray.errors import InputError, SdrayError
 from sdray.models import model_identity
-from sdray.requests import BATCH_KEY_COLUMN, REQUEST_COLUMNS
+from sdray.requests import BATCH_KEY_COLUMN
 from sdray.storage import (
     absolute_uri,
     filesystem,
@@ -345,112 +342,6 @@ def _status_counts(dataset) -> dict[str, int]:
     return {row["status"]: row["count()"] for row in grouped.take_all()}
 
 
-@dataclass
-class JobPlan:
-    """A job ready to stream: its read tasks (each with the units an earlier run committed)."""
-
-    tasks: list[dict[str, Any]]
-    text_columns: list[str]
-    expected: Any  # pyarrow.Schema the read tasks conform chunks to
-    rows_per_unit: int
-    sources: list[str]  # the input files, in order
-    has_ids: bool
-    parquet_rows: int  # rows of the Parquet files, from their footers (text files: as read)
-    committed_paths: list[str] = field(default_factory=list)
-
-
-def plan_job(
-    input_uri: str,
-    config: SdrayConfig,
-    *,
-    output_uri: str,
-    previous: dict[str, Any] | None,
-) -> JobPlan:
-    """List and peek at the input files, cut them into units (`sdray.batch.units`) and, on a
-    resume, find the units already committed from the names of the output's metadata files.
-    O(files + shards) work in the driver: no row is read here."""
-    storage = config.storage.storage_options
-    files = list_prompt_files(input_uri, storage)
-    for index, file in enumerate(files):
-        file["index"] = index
-    text_columns, expected, names = inspect_prompt_files(files, storage)
-    missing = [c for c in config.output.partition_by if c not in names and c not in REQUEST_COLUMNS]
-    if missing:
-        raise SdrayError(
-            f"output.partition_by names columns the table does not have: {', '.join(missing)}"
-        )
-    rows_per_unit = int((previous or {}).get("rows_per_unit") or _shard_rows(files, config))
-    tasks = plan_read_tasks(files, rows_per_unit)
-    plan = JobPlan(
-        tasks=tasks,
-        text_columns=text_columns,
-        expected=expected,
-        rows_per_unit=rows_per_unit,
-        sources=[f["source"] for f in files],
-        has_ids="id" in names,
-        parquet_rows=sum(f.get("rows", 0) for f in files),
-    )
-    if previous is not None:
-        _attach_committed(plan, input_uri, output_uri, storage, len(config.output.partition_by))
-    return plan
-
-
-def _shard_rows(files: list[dict[str, Any]], config: SdrayConfig) -> int:
-    """`output.rows_per_shard`, or fewer for a small table, so that every model actor has work
-    (a shard is the work of one actor call)."""
-    rows = sum(f.get("rows", f.get("rows_estimate", 0)) for f in files)
-    spread = (
-        math.ceil(rows / (2 * config.batch.max_actors)) if rows else config.output.rows_per_shard
-    )
-    return max(1, min(config.output.rows_per_shard, spread))
-
-
-def _attach_committed(
-    plan: JobPlan, input_uri: str, output_uri: str, storage: dict[str, Any], depth: int
-) -> None:
-    """Give each read task the units of its range that an earlier run committed; refuse shards
-    that no unit of this input can have written."""
-    fs, root = filesystem(output_uri, storage)
-    committed = committed_shards(fs, root, depth)
-    by_group: dict[str, list[dict[str, Any]]] = {}
-    for task in plan.tasks:
-        by_group.setdefault(task["group"], []).append(task)
-    old = [name for name in committed if parse_unit_name(name) is None]
-    if old:
-        raise SdrayError(
-            f"cannot resume {output_uri!r}: an earlier version of sdray wrote it (its shards, "
-            f"such as {old[0]!r}, are not named after the input rows they hold). Finish it "
-            "with that version, or start over with --overwrite."
-        )
-    foreign = []
-    for name, shard in committed.items():
-        plan.committed_paths += shard["paths"]
-        group, index, digest = parse_unit_name(name)
-        task = next(
-            (
-                t
-                for t in by_group.get(group, [])
-                if t["units"] is None or t["first_unit"] <= index < t["first_unit"] + t["units"]
-            ),
-            None,
-        )
-        if task is None:
-            foreign += shard["paths"]
-            continue
-        task.setdefault("committed", {})[str(index)] = {"digest": digest, "pieces": shard["pieces"]}
-    if foreign:
-        import pyarrow.parquet as pq
-
-        def rows(paths: list[str]) -> int:
-            return sum(pq.read_metadata(join(root, p), filesystem=fs).num_rows for p in paths)
-
-        raise SdrayError(
-            f"cannot resume {output_uri!r}: {rows(foreign)} of its {rows(plan.committed_paths)} "
-            f"committed rows have ids that are not in {input_uri!r}. Resume with the input the "
-            "run started from, or start over with --overwrite."
-        )
-
-
 def _one_unit_per_block(make):
     """Build a dataset whose every row (a unit) is its own block, through all its stages: so
     each unit is one task of each stage, whatever its size (the smallest block size there is;
@@ -464,33 +355,6 @@ def _one_unit_per_block(make):
         return make()
     finally:
         context.target_max_block_size = default
-
-
-def _start_registry(
-    plan: JobPlan, output_uri: str, storage: dict[str, Any], say
-) -> IdRegistry | None:
-    """The duplicate-id registry, when rows bring ids (derived ids are unique by construction),
-    holding the ids committed earlier first."""
-    import numpy as np
-    import ray
-
-    if not plan.has_ids:
-        return None
-    registry = IdRegistry.start(max(2, math.ceil(plan.parquet_rows / 25_000_000)), plan.sources)
-    if plan.committed_paths:
-        say(f"loading the ids of {len(plan.committed_paths)} committed shards")
-        fs, _ = filesystem(output_uri, storage)
-        paths = [join(output_uri, p) for p in plan.committed_paths]
-
-        def claim(batch):
-            ids = [i for i in batch.column("id").to_pylist() if i is not None]
-            registry.claim(ids, np.full(len(ids), COMMITTED, np.int64))
-            return batch.slice(0, 0)
-
-        ray.data.read_parquet(paths, columns=["id"], filesystem=fs).map_batches(
-            claim, batch_format="pyarrow", num_cpus=0.25
-        ).materialize()
-    return registry
 
 
 def run_generate(
@@ -548,7 +412,7 @@ def _run_generate(
     generate_stage: type,
     run: str | None,
 ) -> JobSummary:
-    started, launched = time.perf_counter(), time.time()
+    started, marks = time.perf_counter(), {"launched": time.time()}
     storage = config.storage.storage_options
     fs, root = filesystem(output_uri, storage)
     previous = prepare_output(
@@ -575,7 +439,7 @@ def _run_generate(
 
     ray_started = time.time()
     ensure_ray()
-    marks = {"ray_start": time.time() - ray_started}
+    marks["ray_start"] = time.time() - ray_started
     _configure_progress(progress)
     say = _say if progress else (lambda message: None)
     plan = plan_job(input_uri, config, output_uri=output_uri, previous=previous)
@@ -590,7 +454,7 @@ def _run_generate(
     if previous is not None and plan.rows_per_unit != config.output.rows_per_shard:
         say(f"shards of {plan.rows_per_unit} rows, as the run being resumed wrote them")
     run = run or lease_run(fs, root)  # a caller's (a sweep's) lease, when it holds one
-    registry = _start_registry(plan, output_uri, storage, say)
+    registry = start_registry(plan, output_uri, storage, say)
     manifest: dict[str, Any] = {
         "sdray_version": package_versions()["sdray"],
         "created": (previous or {}).get("created") or datetime.now(timezone.utc).isoformat(),
@@ -607,7 +471,7 @@ def _run_generate(
     }
     check_held(fs, root, run)
     write_bytes_atomic(fs, join(root, MANIFEST), json.dumps(manifest, indent=2).encode())
-    marks["planned"] = time.time() - launched
+    marks["planned"] = time.time() - marks["launched"]
     done = f", resuming {len(plan.committed_paths)} committed shards" if previous else ""
     say(
         f"generating {input_uri} ({len(plan.sources)} files{done}) in shards of "
@@ -638,21 +502,10 @@ def _run_generate(
     finally:
         if registry is not None:
             registry.close()
-    generate_seconds = time.perf_counter() - generate_started
+    marks["generate"] = time.perf_counter() - generate_started
     check_held(fs, root, run)  # a run that lost the output leaves its manifest alone too
-    return _finish(
-        manifest,
-        sink.stats,
-        config,
-        previous,
-        output_uri,
-        fs,
-        root,
-        started,
-        launched,
-        marks,
-        generate_seconds,
-    )
+    check_held(fs, root, run)  # a run that lost the output leaves its manifest alone too
+    return _finish(manifest, sink.stats, config, previous, started=started, marks=marks)
 
 
 def _pipeline(
@@ -717,20 +570,20 @@ def _pipeline(
 
 
 def _finish(
-    manifest,
-    stats,
-    config,
-    previous,
-    output_uri,
-    fs,
-    root,
-    started,
-    launched,
-    marks,
-    generate_seconds,
+    manifest: dict[str, Any],
+    stats: dict[str, Any],
+    config: SdrayConfig,
+    previous: dict[str, Any] | None,
+    *,
+    started: float,
+    marks: dict[str, float],
 ) -> JobSummary:
-    """Count what the output holds, write the final manifest, report."""
+    """Count what the output holds, write the final manifest, report. `marks`: seconds from
+    the run's start (`launched`, wall clock) to its firsts, and the pipeline's seconds."""
     storage = config.storage.storage_options
+    output_uri = manifest["output"]
+    fs, root = filesystem(output_uri, storage)
+    launched, generate_seconds = marks.pop("launched"), marks.pop("generate")
     total = stats.get("input_rows", 0)
     if total == 0:
         raise InputError(f"input {manifest['input']!r} holds no rows")
