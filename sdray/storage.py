@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import fsspec
@@ -124,6 +125,92 @@ def write_bytes_atomic(fs, path: str, data: bytes, content_type: str | None = No
         keyword = _CONTENT_TYPE_KEYWORDS.get(protocol)
         extra = {keyword: content_type} if keyword and content_type else {}
         fs.pipe_file(path, data, **extra)
+
+
+def _is_s3(fs) -> bool:
+    return "s3" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
+
+
+def put_if(fs, path: str, data: bytes, **condition: str) -> str | None:
+    """S3: a conditional PUT (`IfNoneMatch="*"`: only if absent; `IfMatch=etag`: only if still
+    that version). Returns the new ETag, or None when the condition failed (412, or 409 while a
+    racing conditional write is in flight); any other error is raised."""
+    bucket, key, _ = fs.split_path(path)
+    try:
+        reply = fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, **condition)
+    except OSError as error:  # s3fs turns every S3 error into an OSError subclass
+        seen: BaseException | None = error
+        while seen is not None:
+            code = (getattr(seen, "response", None) or {}).get("Error", {}).get("Code")
+            if code in ("PreconditionFailed", "ConditionalRequestConflict", "412", "409"):
+                return None
+            seen = seen.__cause__ or seen.__context__
+        raise
+    return reply["ETag"]
+
+
+def create_new(fs, path: str, data: bytes) -> bool:
+    """Write `path` only if nothing is there yet, so that of two writers exactly one wins; return
+    whether this one did.
+
+    Local disk: a complete temporary file hard-linked into place (the link fails if the path
+    exists, also between machines sharing the filesystem; readers never see half a file).
+    S3: a conditional PUT. Other stores: an existence check, then a write (not atomic).
+    """
+    if _is_s3(fs):
+        return put_if(fs, path, data, IfNoneMatch="*") is not None
+    if not is_local(fs):
+        if fs.exists(path):
+            return False
+        fs.pipe_file(path, data)
+        return True
+    directory = os.path.dirname(path)
+    os.makedirs(directory, exist_ok=True)
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
+    with open(tmp, "wb") as handle:
+        handle.write(data)
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        return False
+    except OSError:  # no hard links here (some FUSE and SMB mounts): an exclusive create
+        try:
+            with open(path, "xb") as handle:
+                handle.write(data)
+        except FileExistsError:
+            return False
+    finally:
+        os.unlink(tmp)
+    return True
+
+
+@contextlib.contextmanager
+def upload(fs, path: str) -> Iterator[Any]:
+    """A file to stream one object into, visible at `path` only once complete.
+
+    Local disk: a temporary file beside it, renamed into place on success. Object stores: the
+    store's own streaming upload (S3: multipart, in parts of a few MB; the object appears when
+    the upload completes), so a shard never sits whole in memory.
+    """
+    if not is_local(fs):
+        handle = fs.open(path, "wb")
+        try:
+            yield handle
+        except BaseException:
+            handle.discard()  # never publish half an object (S3: abort the multipart upload)
+            raise
+        handle.close()
+        return
+    directory = os.path.dirname(path)
+    os.makedirs(directory, exist_ok=True)
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(tmp, "wb") as handle:
+            yield handle
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def read_json(fs, path: str) -> Any | None:

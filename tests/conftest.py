@@ -37,6 +37,7 @@ def ray_cluster(model_cache):
     import ray
 
     context = ray.init(
+        address="local",  # never join a cluster some earlier process left behind
         num_cpus=2,
         include_dashboard=False,
         logging_level="WARNING",

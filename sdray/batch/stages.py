@@ -380,25 +380,19 @@ class EncodeStage:
 
         needed = [f.name for f in PREPARED_SCHEMA] + ["model", PIXELS_COLUMN]
         require_columns(batch, needed, "encode")
-        rows = batch.select(needed).to_pylist()
+        present = np.flatnonzero(batch.column(PIXELS_COLUMN).is_valid())  # error rows: none
         previews = PREVIEW_FRAMES in batch.column_names
         steps = batch.column(PREVIEW_STEPS).to_pylist() if previews else None
         frames = batch.column(PREVIEW_FRAMES).to_pylist() if previews else None
-        encoded: list[bytes | None] = []
-        digests: list[str | None] = []
-        strips: list[bytes | None] = []
-        for index, row in enumerate(rows):
-            raw = row[PIXELS_COLUMN]
-            strips.append(None)
-            if raw is None:
-                encoded.append(None)
-                digests.append(None)
-                continue
+        encoded: list[bytes | None] = [None] * batch.num_rows
+        digests: list[str | None] = [None] * batch.num_rows
+        strips: list[bytes | None] = [None] * batch.num_rows
+        for index, row in zip(present, batch.select(needed).take(present).to_pylist(), strict=True):
             shape = (row["height"], row["width"], 3)
-            pixels = np.frombuffer(raw, np.uint8).reshape(shape)
+            pixels = np.frombuffer(row[PIXELS_COLUMN], np.uint8).reshape(shape)
             data = encode_image(pixels, self.image_format, infotext(row), self.quality)
-            encoded.append(data)
-            digests.append(hashlib.sha256(data).hexdigest())
+            encoded[index] = data
+            digests[index] = hashlib.sha256(data).hexdigest()
             if previews and frames[index]:
                 run = row["steps"] - denoising_start(row["steps"], row["strength"])
                 labelled = [
