@@ -382,6 +382,17 @@ def job_status(cluster: LocalCluster, job_id: str) -> str:
     return str(JobSubmissionClient(cluster.dashboard_url).get_job_status(job_id).value)
 
 
+def wait_until_started(cluster: LocalCluster, job_id: str, timeout: float) -> str:
+    """Wait (bounded) until a submitted job has left PENDING (its runtime env is set up)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = job_status(cluster, job_id)
+        if status != "PENDING":
+            return status
+        time.sleep(0.5)
+    raise TimeoutError(f"job {job_id} still pending after {timeout}s")
+
+
 def wait_for_job(cluster: LocalCluster, job_id: str, timeout: float) -> str:
     """Wait (bounded) until a submitted job ends; return its final status."""
     deadline = time.monotonic() + timeout
