@@ -66,7 +66,7 @@ TEMPLATES = (
     "a picture of {object} {position} {background}",
     "there is {object} {position} {background}",
     "{position}, {object} {background}",
-    "{colour} {shape}, {position}, {background}",
+    "{noun}, {position}, {background}",
 )
 
 
@@ -178,8 +178,7 @@ def caption(
     noun = " ".join(w for w in (size_word, scene.colour, scene.shape) if w)
     parts = {
         "object": f"{_article(noun)} {noun}",
-        "colour": scene.colour,
-        "shape": scene.shape,
+        "noun": noun,
         "position": rng.choice(POSITION_PHRASES[scene.position]) if position else "",
         "background": rng.choice(BACKGROUND_PHRASES).format(scene.background) if background else "",
     }
