@@ -189,9 +189,9 @@ def resolve_model(
     """
     root = cache_root(cache_dir)
     if source == "tiny":
-        from sdray.models.tiny import TINY_VERSION, build_tiny_model
+        from sdray.models.tiny import build_tiny_model, shipped_version
 
-        directory = _materialize_once(root / "models" / TINY_VERSION, build_tiny_model)
+        directory = _materialize_once(root / "models" / shipped_version(), build_tiny_model)
         name = "tiny"
     elif _is_remote(source):
         fs, base, listing = _remote_listing(source, storage_options)
