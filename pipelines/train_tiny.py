@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from sdray.models.tiny import SHIPPED
-from sdray.quality.training import TrainSettings, train
+from sdray.quality.training import TrainSettings, add_quality, train
 
 
 def main(argv: list[str]) -> int:
@@ -30,6 +30,11 @@ def main(argv: list[str]) -> int:
     parser.add_argument(
         "--vae-from", type=Path, help="reuse this model directory's VAE instead of training one"
     )
+    parser.add_argument(
+        "--evaluate-only",
+        action="store_true",
+        help="only measure the model in --output (e.g. of a run stopped early) into its record",
+    )
     args = parser.parse_args(argv)
     types = {f.name: f.type for f in dataclasses.fields(TrainSettings)}
     overrides = {}
@@ -43,7 +48,11 @@ def main(argv: list[str]) -> int:
     def log(line: str) -> None:
         print(f"[{time.perf_counter() - start:7.0f}s] {line}", flush=True)
 
-    record = train(args.output, TrainSettings(**overrides), log, vae_from=args.vae_from)
+    settings = TrainSettings(**overrides)
+    if args.evaluate_only:
+        add_quality(args.output, settings.eval_prompts, log)
+        return 0
+    record = train(args.output, settings, log, vae_from=args.vae_from)
     log(
         f"done: wall {record['training_wall_seconds']:.0f}s, "
         f"CPU {record['training_cpu_seconds']:.0f}s; model in {args.output}"

@@ -37,7 +37,7 @@ class TrainSettings:
     kl_weight: float = 1e-4  # per pixel, against a mean absolute (L1) reconstruction loss
     unet_steps: int = 10_000
     unet_batch: int = 32
-    unet_lr: float = 5e-4
+    unet_lr: float = 6e-4
     warmup_steps: int = 200
     caption_dropout: float = 0.1  # empty caption: what classifier-free guidance contrasts with
     min_snr_gamma: float = 5.0  # Min-SNR loss weighting (Hang et al. 2023)
@@ -178,11 +178,11 @@ def train_unet(
     tokenizer,
     s: TrainSettings,
     log: Callable[[str], None],
-    checkpoint: Callable[[object, object], None] | None = None,
+    checkpoint: Callable[[int, object, object, list], None] | None = None,
 ):
     """UNet and text encoder trained together to predict the noise (epsilon), with caption
     dropout; returns their exponential moving averages (also passed to `checkpoint` now and
-    then)."""
+    then, with the step and the loss history)."""
     import copy
 
     import torch
@@ -209,7 +209,9 @@ def train_unet(
     history, running, started = [], [], time.perf_counter()
     for step in range(s.unet_steps):
         for group in optimizer.param_groups:
-            group["lr"] = _cosine_lr(step, s.unet_steps, s.warmup_steps, s.unet_lr)
+            # constant after warm-up (the moving average smooths): a run stopped after N steps
+            # has exactly the weights of a run of N steps
+            group["lr"] = s.unet_lr * min(1.0, (step + 1) / s.warmup_steps)
         index = torch.randint(0, len(scenes), (s.unet_batch,), generator=generator)
         captions = [
             "" if rng.random() < s.caption_dropout else world.training_caption(scenes[i], rng)
@@ -243,7 +245,7 @@ def train_unet(
             )
             running = []
         if checkpoint and s.checkpoint_every and (step + 1) % s.checkpoint_every == 0:
-            checkpoint(ema_unet, ema_text)
+            checkpoint(step + 1, ema_unet, ema_text, history)
     return ema_unet.eval(), ema_text.eval(), history
 
 
@@ -297,6 +299,19 @@ def evaluate_in_process(directory: Path, count: int, held_out: bool = True) -> d
     return accuracy(score(r.image, r.request.prompt) for r in results)
 
 
+def add_quality(directory: Path, count: int, log: Callable[[str], None] = print) -> dict:
+    """Measure held-out (and training-triple) accuracy of the model in `directory` and record
+    it in its `training.json`."""
+    path = directory / "training.json"
+    record = json.loads(path.read_text())
+    log("evaluating on held-out prompts (default settings, in process)")
+    record["quality_held_out"] = evaluate_in_process(directory, count, held_out=True)
+    record["quality_training_triples"] = evaluate_in_process(directory, count, held_out=False)
+    log(f"held-out accuracy {json.dumps(record['quality_held_out'])}")
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    return record
+
+
 def train(
     output: Path,
     s: TrainSettings,
@@ -304,8 +319,12 @@ def train(
     vae_from: Path | None = None,
 ) -> dict:
     """Train every part, save the model into `output`, and record settings, losses, times and
-    held-out quality in `output/training.json`. `vae_from`: a model directory whose VAE to
-    reuse instead of training one (to try UNet settings quickly)."""
+    held-out quality in `output/training.json`.
+
+    Every `checkpoint_every` UNet steps the model and its record so far are saved, so a run
+    stopped early leaves a usable model of the steps it made. `vae_from`: a model directory
+    whose VAE to reuse instead of training one.
+    """
     import tempfile
 
     import diffusers
@@ -334,48 +353,49 @@ def train(
     means, stds, psnr = encode_latents(vae, images)
     scaling_factor = float(1 / means.std())
     vae.register_to_config(scaling_factor=scaling_factor)
+    vae.to(torch.float16).save_pretrained(output / "vae")  # usable by --vae-from at once
+    vae.float()
     log(f"vae reconstruction PSNR {psnr:.1f} dB; latent scaling factor {scaling_factor:.4f}")
     ceiling = reconstruction_accuracy(vae)
     log(f"scorer on vae reconstructions {json.dumps(ceiling)}")
+
+    def record(unet_steps: int, unet_history: list) -> dict:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return {
+            "settings": {**asdict(s), "unet_steps": unet_steps},
+            "vae_from": str(vae_from) if vae_from else None,
+            "world": {
+                "colours": list(world.COLOURS),
+                "shapes": list(world.SHAPES),
+                "positions": list(world.POSITIONS),
+                "sizes": list(world.SIZES),
+                "backgrounds": list(world.BACKGROUNDS),
+                "held_out_triples": len(world.held_out_triples()),
+                "image_size": world.IMAGE_SIZE,
+            },
+            "vae": {
+                "reconstruction_psnr_db": psnr,
+                "scaling_factor": scaling_factor,
+                "scorer_on_reconstructions": ceiling,
+            },
+            "losses": {"vae": vae_history, "unet": unet_history},
+            "training_wall_seconds": time.perf_counter() - wall,
+            "training_cpu_seconds": usage.ru_utime + usage.ru_stime - cpu.ru_utime - cpu.ru_stime,
+            "torch": torch.__version__,
+        }
+
     with tempfile.TemporaryDirectory() as scratch:
         tokenizer_dir = Path(scratch) / "tokenizer"
         write_tokenizer(tokenizer_dir, world.vocabulary())
         tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir, model_max_length=77)
 
-        def snapshot(unet, text_encoder) -> None:
+        def snapshot(step: int, unet, text_encoder, history: list) -> None:
             save_model(output, tokenizer_dir, text_encoder, unet, vae)
-            log(f"snapshot saved in {output}")
+            (output / "training.json").write_text(json.dumps(record(step, history), indent=2))
+            log(f"snapshot of step {step} saved in {output}")
 
         unet, text_encoder, unet_history = train_unet(
             scenes, means, stds, scaling_factor, tokenizer, s, log, snapshot
         )
-        save_model(output, tokenizer_dir, text_encoder, unet, vae)
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    record = {
-        "settings": asdict(s),
-        "vae_from": str(vae_from) if vae_from else None,
-        "world": {
-            "colours": list(world.COLOURS),
-            "shapes": list(world.SHAPES),
-            "positions": list(world.POSITIONS),
-            "sizes": list(world.SIZES),
-            "backgrounds": list(world.BACKGROUNDS),
-            "held_out_triples": len(world.held_out_triples()),
-            "image_size": world.IMAGE_SIZE,
-        },
-        "vae": {
-            "reconstruction_psnr_db": psnr,
-            "scaling_factor": scaling_factor,
-            "scorer_on_reconstructions": ceiling,
-        },
-        "losses": {"vae": vae_history, "unet": unet_history},
-        "training_wall_seconds": time.perf_counter() - wall,
-        "training_cpu_seconds": usage.ru_utime + usage.ru_stime - cpu.ru_utime - cpu.ru_stime,
-        "torch": torch.__version__,
-    }
-    log("evaluating on held-out prompts (default settings, in process)")
-    record["quality_held_out"] = evaluate_in_process(output, s.eval_prompts, held_out=True)
-    record["quality_training_triples"] = evaluate_in_process(output, s.eval_prompts, held_out=False)
-    log(f"held-out accuracy {json.dumps(record['quality_held_out'])}")
-    (output / "training.json").write_text(json.dumps(record, indent=2) + "\n")
-    return record
+        snapshot(s.unet_steps, unet, text_encoder, unet_history)
+    return add_quality(output, s.eval_prompts, log)
