@@ -14,7 +14,11 @@ if __name__ == "__main__":
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--rows", type=int, default=256)
     parser.add_argument("--skip-ray", action="store_true")
+    parser.add_argument("--no-scaling", action="store_true", help="skip the one-actor run")
     args = parser.parse_args()
     run_bench(
-        load_config(args.config, args.overrides), rows=args.rows, include_ray=not args.skip_ray
+        load_config(args.config, args.overrides),
+        rows=args.rows,
+        include_ray=not args.skip_ray,
+        scaling=not args.no_scaling,
     )

@@ -13,8 +13,9 @@ Serve apps. Prints a table to stderr and the figures as JSON.
 import argparse
 import os
 
+from serve_load import bench_serve, bench_url, dump  # beside this script
+
 from sdray.config import load_config
-from sdray.serve.loadgen import bench_serve, bench_url, dump
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(

@@ -59,6 +59,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(bench)
     bench.add_argument("--rows", type=int, default=256, help="images per measured run")
     bench.add_argument("--skip-ray", action="store_true", help="measure in-process only")
+    bench.add_argument(
+        "--no-scaling", action="store_true", help="skip the one-actor run (multi-actor scaling)"
+    )
+    bench.add_argument(
+        "--suite",
+        choices=["pipeline", "gpu"],
+        default="pipeline",
+        help="pipeline: diffusers loop vs engine vs Ray Data (default); gpu: the speed levers "
+        "at real model sizes (SD 1.5, SDXL) on cuda, tiny models on cpu",
+    )
+    bench.add_argument("--out", default="bench-gpu", help="--suite gpu: output directory")
     return parser
 
 
@@ -109,8 +120,13 @@ def _bench(args) -> int:
     from sdray.bench import run_bench
     from sdray.config import load_config
 
+    if args.suite == "gpu":
+        from sdray.bench_levers import run_suite, summary_table
+
+        print(summary_table(run_suite(args.out, ray=not args.skip_ray)))
+        return 0
     config = load_config(args.config, args.overrides)
-    run_bench(config, rows=args.rows, include_ray=not args.skip_ray)
+    run_bench(config, rows=args.rows, include_ray=not args.skip_ray, scaling=not args.no_scaling)
     return 0
 
 

@@ -15,12 +15,65 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class CompileConfig(_Section):
+    """`torch.compile` of the UNet and the VAE decoder: compiled once per declared shape at
+    model load (so never on a request), cached on disk so later actors and replicas load the
+    compiled code instead of compiling again."""
+
+    unet: bool = Field(False, description="Compile the UNet (the denoising loop's model).")
+    vae: bool = Field(False, description="Compile the VAE decoder.")
+    mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = (
+        Field(
+            "default",
+            description="torch.compile mode: `max-autotune` searches kernels (minutes at load), "
+            "`reduce-overhead` adds CUDA graphs.",
+        )
+    )
+    batch_sizes: list[int] | None = Field(
+        None,
+        description="Declared images-per-call buckets, compiled at load. A call pads its rows up "
+        "to the next bucket (padding rows are dropped), so batch sizes never recompile. "
+        "Default: powers of two up to the engine's max batch size.",
+    )
+    sizes: list[str] | None = Field(
+        None,
+        description="Declared image sizes `WxH`, compiled at load; other sizes run uncompiled "
+        "(never recompiled). Default: the model's native size.",
+    )
+    cache_dir: str | None = Field(
+        None,
+        description="Compiled-code cache (Inductor's FX graph/AOT caches) shared by the actors "
+        "and replicas of a node; default <model cache>/torch-compile.",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> CompileConfig:
+        if self.batch_sizes is not None and (not self.batch_sizes or min(self.batch_sizes) < 1):
+            raise ValueError(f"batch_sizes must be positive integers, got {self.batch_sizes}")
+        for size in self.sizes or []:
+            parse_size(size)
+        return self
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """`"WxH"` as (width, height), multiples of 8; a ValueError naming the text otherwise."""
+    try:
+        width, height = (int(part) for part in text.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"size {text!r} is not WIDTHxHEIGHT") from None
+    if width <= 0 or height <= 0 or width % 8 or height % 8:
+        raise ValueError(f"size {text!r}: width and height must be positive multiples of 8")
+    return width, height
+
+
 class ModelConfig(_Section):
-    """Which model to load, onto which device and in which precision."""
+    """Which model to load, onto which device, in which precision, and how fast (the levers:
+    dtype, attention, fused_qkv, channels_last, compile, vae_slicing, vae_tiling)."""
 
     source: str = Field(
         "tiny",
-        description="`tiny` (embedded), a local diffusers directory, or an fsspec URI of one.",
+        description="`tiny` or `tiny-xl` (embedded, built in code), a local diffusers "
+        "directory, or an fsspec URI of one.",
     )
     device: Literal["cpu", "cuda", "auto"] = Field(
         "cpu",
@@ -36,6 +89,66 @@ class ModelConfig(_Section):
     cache_dir: str | None = Field(
         None, description="Local model cache; default $SDRAY_CACHE_DIR or ~/.cache/sdray."
     )
+    watermark: bool = Field(
+        False,
+        description="Add diffusers' invisible SDXL watermark to SDXL images (needs the "
+        "invisible-watermark package); off by default. SD 1.x/2.x pipelines never watermark.",
+    )
+    reserve_gpus_on_cpu: bool = Field(
+        False,
+        description="For testing GPU placement without GPUs: with device cpu, model actors and "
+        "replicas still reserve batch.num_gpus_per_actor / serve.num_gpus_per_replica GPUs "
+        "(Ray accepts GPU resources on nodes without GPU hardware) while the engine runs on CPU.",
+    )
+    attention: Literal["sdpa", "classic", "math", "flash", "efficient", "cudnn"] = Field(
+        "sdpa",
+        description="Attention kernel of the UNet and VAE: `sdpa` (PyTorch's "
+        "scaled_dot_product_attention, best backend for the device; diffusers' default), "
+        "`classic` (diffusers' pre-SDPA matmul-softmax-matmul, for comparison), or SDPA held "
+        "to one backend: `math`, `flash`, `efficient` (memory-efficient) or `cudnn` (the last "
+        "two on cuda only).",
+    )
+    fused_qkv: bool = Field(
+        False,
+        description="Fuse each attention's query/key/value projections into one matmul (UNet "
+        "and VAE); needs an SDPA attention.",
+    )
+    channels_last: bool = Field(
+        False, description="Keep the UNet's and VAE's convolution weights channels-last (NHWC)."
+    )
+    compile: CompileConfig = Field(
+        default_factory=CompileConfig, description="torch.compile of the UNet and VAE decoder."
+    )
+    vae_slicing: bool = Field(
+        False, description="Decode one image at a time (lower peak memory; same pixels)."
+    )
+    vae_tiling: bool = Field(
+        False,
+        description="Decode images larger than the VAE's tile (512 for SD 1.5, 1024 for SDXL) "
+        "in overlapping tiles blended together: bounded memory at any size (2048x2048 and "
+        "above), with slight blending differences.",
+    )
+
+    @model_validator(mode="after")
+    def _check_levers(self) -> ModelConfig:
+        if self.fused_qkv and self.attention == "classic":
+            raise ValueError("fused_qkv needs an SDPA attention, not attention='classic'")
+        return self
+
+    def pixel_levers(self) -> dict[str, Any]:
+        """The levers that change pixels (in the last bits, or at tile seams for tiling), for
+        the resume fingerprint. Slicing (bit-identical), compile buckets, sizes and cache do
+        not; precision is `dtype`, fingerprinted on its own."""
+        compiled = self.compile.unet or self.compile.vae
+        return {
+            "attention": self.attention,
+            "fused_qkv": self.fused_qkv,
+            "channels_last": self.channels_last,
+            "compile_unet": self.compile.unet,
+            "compile_vae": self.compile.vae,
+            "compile_mode": self.compile.mode if compiled else None,
+            "vae_tiling": self.vae_tiling,
+        }
 
 
 class GenerationConfig(_Section):
@@ -43,9 +156,30 @@ class GenerationConfig(_Section):
 
     steps: int = Field(20, ge=1, description="Default denoising steps.")
     guidance_scale: float = Field(7.5, ge=0, description="Default classifier-free guidance.")
-    width: int = Field(128, gt=0, multiple_of=8, description="Default image width in pixels.")
-    height: int = Field(128, gt=0, multiple_of=8, description="Default image height in pixels.")
+    width: int | None = Field(
+        None,
+        gt=0,
+        multiple_of=8,
+        description="Default image width in pixels; unset: the model's native size (its UNet's "
+        "sample_size x the VAE's scale factor: 512 for SD 1.5, 1024 for SDXL).",
+    )
+    height: int | None = Field(
+        None, gt=0, multiple_of=8, description="Default image height; unset: the model's."
+    )
     scheduler: str = Field("ddim", description="Default scheduler name.")
+    strength: float = Field(
+        0.75,
+        gt=0,
+        le=1,
+        description="Default image-to-image strength: how much of the schedule re-noises the "
+        "init image (1 = all of it); rows run the last int(steps x strength) steps.",
+    )
+    max_input_pixels: int = Field(
+        4096 * 4096,
+        ge=64,
+        description="Init and mask images with more pixels are error rows (decompression bombs "
+        "are refused before they are decoded).",
+    )
     seed: int = Field(0, ge=0, lt=2**63, description="Base seed; row seeds derive from it.")
     negative_prompt: str = Field("", description="Default negative prompt.")
     max_steps: int = Field(150, ge=1, description="Rows asking for more steps are errors.")
@@ -77,6 +211,13 @@ class BatchConfig(_Section):
     num_gpus_per_actor: float = Field(1.0, ge=0, description="GPUs per model actor on cuda.")
     torch_threads: int | None = Field(
         None, ge=1, description="Torch intra-op threads per actor; default max(1, num_cpus)."
+    )
+    overlap: bool = Field(
+        True,
+        description="Let each model actor take a second task while its engine works, so "
+        "fetching the next block and handing over the last one's pixels overlap the device's "
+        "work (Ray Data's max_concurrent_calls_per_actor=2; batches still reach the engine "
+        "one at a time).",
     )
     sort_by_shape: bool = Field(
         True, description="Order rows by size/steps/scheduler/guidance so batches stay homogeneous."
@@ -115,6 +256,12 @@ class OutputConfig(_Section):
     partition_by: list[str] = Field(
         default_factory=list, description="Columns for Hive-style partitions."
     )
+    preview_every: int = Field(
+        0,
+        ge=0,
+        description="Keep the model's estimate of the final image every this many denoising "
+        "steps and write one filmstrip per image beside it (0 = off).",
+    )
 
 
 class StorageConfig(_Section):
@@ -141,6 +288,12 @@ class ServeConfig(_Section):
     )
     upscale_delay_s: float = Field(5.0, ge=0, description="Autoscaling upscale delay.")
     downscale_delay_s: float = Field(60.0, ge=0, description="Autoscaling downscale delay.")
+    look_back_period_s: float = Field(
+        30.0,
+        gt=0,
+        description="Autoscaling: the window (s) over which ongoing requests are averaged; "
+        "keep it above Ray Serve's 10 s metrics interval.",
+    )
     max_ongoing_requests: int = Field(
         8, ge=1, description="Requests one replica works on at once (its in-replica queue bound)."
     )
@@ -165,6 +318,13 @@ class ServeConfig(_Section):
     max_n: int = Field(4, ge=1, description="Max images per request (`n`).")
     max_prompt_chars: int = Field(
         2000, ge=1, description="Max prompt (and negative prompt) length in characters."
+    )
+    max_upload_bytes: int = Field(
+        25 * 1024 * 1024,
+        ge=1024,
+        description="Max bytes of image data in one request (the init image and mask together: "
+        "multipart uploads to /v1/images/edits, base64 in /v1/generate counted decoded). Larger "
+        "requests are refused with 413, by Content-Length before reading where it is given.",
     )
     num_cpus_per_replica: float = Field(
         0.5, gt=0, description="CPUs reserved per replica (fractional on CPU-only nodes)."
@@ -245,6 +405,7 @@ def load_config(
     A relative local `model.source` or `model.cache_dir` is taken from the working directory
     here, where the user typed it, not in a Ray worker somewhere else.
     """
+    from sdray.models import EMBEDDED
     from sdray.storage import absolute_uri, open_uri
 
     data: dict[str, Any] = {}
@@ -260,7 +421,7 @@ def load_config(
             raise ConfigError(f"config file {path} must hold a mapping at the top level")
     config = config_from_dict(data, overrides)
     model = config.model
-    if model.source != "tiny":
+    if model.source not in EMBEDDED:
         model.source = absolute_uri(model.source)
     if model.cache_dir is not None:
         model.cache_dir = absolute_uri(model.cache_dir)

@@ -1,33 +1,53 @@
-"""DiffusionEngine: load a Stable Diffusion model once, then turn requests into images.
+"""DiffusionEngine: load a Stable Diffusion-family model once, then turn requests into images.
 
-The only module that touches torch and diffusers in the hot path. It knows nothing of Ray:
-batch actors and Serve replicas each hold one engine.
+The only module that runs torch and diffusers in the hot path; what differs between families
+(prompt encoding, extra UNet conditioning) is the family's (`sdray.families`). It knows nothing
+of Ray: batch actors and Serve replicas each hold one engine.
 """
 
 from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from sdray.config import ModelConfig
-from sdray.models import ModelFiles, load_components, model_hash, resolve_model
-from sdray.requests import GenerationRequest
+from sdray.errors import ModelError
+from sdray.families import SDXL, family_class
+from sdray.models import ModelFiles, load_denoiser, model_hash, quiet_libraries, resolve_model
+from sdray.requests import GenerationRequest, denoising_start
 from sdray.schedulers import build_scheduler
 
 
 @dataclass
 class GenerationResult:
-    """One request's outcome: an HxWx3 uint8 image, or an error message."""
+    """One request's outcome: an HxWx3 uint8 image, or an error message; and the previews it
+    asked for, (step, HxWx3 uint8 image) each."""
 
     request: GenerationRequest
     image: np.ndarray | None
     truncated: bool = False
     error: str | None = None
+    previews: list[tuple[int, np.ndarray]] = field(default_factory=list)
+
+
+# Called from the engine's thread as each preview is decoded: (request index, step, pixels).
+PreviewCallback = Callable[[int, int, np.ndarray], None]
+
+
+@dataclass
+class _Start:
+    """Where denoising starts for a batch (step 3 of `_generate_batch`)."""
+
+    latents: Any
+    noise: Any = None  # the starting noise (inpainting blends re-noised image latents with it)
+    image_latents: Any = None  # the init images' latents (img2img, 4-channel inpainting)
+    mask: Any = None  # inpainting: the mask at latent size, 1 = repaint
+    masked_image_latents: Any = None  # 9-channel inpainting models' extra input
 
 
 # Messages of errors after which the device cannot be trusted (a CUDA context does not recover
@@ -88,7 +108,9 @@ def group_compatible(requests: Sequence[GenerationRequest], max_batch_size: int)
 
 
 class DiffusionEngine:
-    """Text encoder, UNet with per-row schedulers, and VAE decoder on one device."""
+    """A model's text conditioning (its family's), UNet with per-row schedulers, and VAE decoder
+    on one device. `generate` reads as diffusers' pipelines do, in numbered steps, written once
+    for every family."""
 
     def __init__(
         self,
@@ -99,25 +121,37 @@ class DiffusionEngine:
         allow_pickle: bool = False,
         max_batch_size: int = 8,
         torch_threads: int | None = None,
+        watermark: bool = False,
+        levers: ModelConfig | None = None,
     ) -> None:
         import torch
+
+        from sdray.levers import apply_levers
 
         started = time.perf_counter()
         if torch_threads:
             torch.set_num_threads(torch_threads)
         self.device, self.dtype = resolve_device(device, dtype)
         self.files = files
+        self.plan = files.plan
         self.model_name = files.name
         self.max_batch_size = max_batch_size
-        parts = load_components(
+        quiet_libraries()
+        self.family = family_class(self.plan.family).load(
+            files.directory,
+            self.plan,
+            device=self.device,
+            dtype=getattr(torch, self.dtype),
+            use_safetensors=None if allow_pickle else True,
+        )
+        self.unet, self.vae, self.scheduler_config = load_denoiser(
             files, device=self.device, dtype=self.dtype, allow_pickle=allow_pickle
         )
-        self.tokenizer = parts["tokenizer"]
-        self.text_encoder = parts["text_encoder"]
-        self.unet = parts["unet"]
-        self.vae = parts["vae"]
-        self.scheduler_config: dict[str, Any] = parts["scheduler_config"]
-        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.vae_scale_factor = self.plan.vae_scale_factor
+        self.watermarker = _watermarker() if watermark and self.plan.family == SDXL else None
+        # Speed levers (attention, fused QKV, channels-last, VAE slicing/tiling, compile and
+        # its warm-up) from `levers` (a ModelConfig); `model.dtype` was applied above.
+        self.levers = apply_levers(self, levers) if levers is not None else {}
         self.load_seconds = time.perf_counter() - started
 
     @classmethod
@@ -148,99 +182,130 @@ class DiffusionEngine:
             allow_pickle=config.allow_pickle,
             max_batch_size=max_batch_size,
             torch_threads=torch_threads,
+            watermark=config.watermark,
+            levers=config,
         )
+
+    @property
+    def tokenizer(self):
+        """The (first) tokenizer."""
+        return self.family.tokenizers[0]
+
+    @property
+    def text_encoder(self):
+        """The (first) text encoder."""
+        return self.family.text_encoders[0]
 
     def model_hash(self) -> str:
         """sha256 of the model's files (its identity in manifests and fingerprints)."""
         return model_hash(self.files.directory)
 
-    def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
-        """Generate one image per request, in compatible sub-batches; results keep input order."""
+    def generate(
+        self, requests: Sequence[GenerationRequest], on_preview: PreviewCallback | None = None
+    ) -> list[GenerationResult]:
+        """Generate one image per request, in compatible sub-batches; results keep input order.
+
+        `on_preview(index, step, pixels)` receives each preview a request asked for
+        (`preview_at`) as soon as it is decoded, `index` being the request's position here.
+        """
         results: list[GenerationResult | None] = [None] * len(requests)
         for indices in group_compatible(requests, self.max_batch_size):
             batch = [requests[i] for i in indices]
-            for index, result in zip(indices, self._generate_batch(batch), strict=True):
+            relay = None
+            if on_preview is not None:
+                relay = lambda row, step, pixels, at=indices: on_preview(at[row], step, pixels)  # noqa: E731
+            for index, result in zip(indices, self._generate_batch(batch, relay), strict=True):
                 results[index] = result
         return results  # type: ignore[return-value]
 
-    def _encode_prompts(self, prompts: list[str]):
-        tokens = self.tokenizer(
-            prompts,
-            padding="max_length",
-            max_length=self.tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        )
-        mask = None
-        if getattr(self.text_encoder.config, "use_attention_mask", False):
-            mask = tokens.attention_mask.to(self.device)
-        return self.text_encoder(tokens.input_ids.to(self.device), attention_mask=mask)[0]
-
     def truncated(self, prompts: list[str]) -> list[bool]:
-        """Whether each prompt is longer than the text encoder's context (and so cut)."""
-        lengths = self.tokenizer(prompts, truncation=False).input_ids
-        return [len(ids) > self.tokenizer.model_max_length for ids in lengths]
+        """Whether each prompt is longer than the text encoders' context (and so cut)."""
+        return self.family.truncated(prompts)
 
-    def _generate_batch(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
+    def _generate_batch(
+        self, requests: list[GenerationRequest], on_preview: PreviewCallback | None = None
+    ) -> list[GenerationResult]:
         import torch
 
         first = requests[0]
-        width, height, steps = first.width, first.height, first.steps
         guidance = first.guidance_scale
-        use_cfg = guidance > 1.0 and self.unet.config.time_cond_proj_dim is None
-        dtype = self.unet.dtype
+        guided = guidance > 1.0 and self.unet.config.time_cond_proj_dim is None
+        previews: list[list[tuple[int, np.ndarray]]] = [[] for _ in requests]
 
         with torch.inference_mode():
-            # 1. Encode prompts; with guidance, the unconditional (negative) half goes first.
-            prompts = [r.prompt for r in requests]
-            embeds = self._encode_prompts(prompts)
-            if use_cfg:
-                negative = self._encode_prompts([r.negative_prompt for r in requests])
-                embeds = torch.cat([negative, embeds])
-            truncated = self.truncated(prompts)
+            # 1. Conditioning, by the model's family; with guidance the negative half goes first.
+            conditioning = self.family.condition(requests, guided)
+            truncated = self.family.truncated([r.prompt for r in requests])
 
-            # 2. Timesteps from a fresh scheduler of the row's kind, built from the model's config.
+            # 2. Timesteps from a fresh scheduler of the row's kind, built from the model's
+            #    config; from an init image, only the last int(steps x strength) of them.
             scheduler = build_scheduler(first.scheduler, self.scheduler_config)
-            scheduler.set_timesteps(steps, device=self.device)
+            scheduler.set_timesteps(first.steps, device=self.device)
+            skip = denoising_start(first.steps, first.strength) * scheduler.order
+            timesteps = scheduler.timesteps[skip:]
+            if hasattr(scheduler, "set_begin_index"):
+                scheduler.set_begin_index(skip)
 
             # 3. Starting latents: one CPU generator per row, so a row's image never depends on
-            #    its batch. The same generators feed stochastic schedulers' noise.
+            #    its batch. The same generators sample init images' latents and feed stochastic
+            #    schedulers' noise, in diffusers' order.
             generators = [torch.Generator("cpu").manual_seed(r.seed) for r in requests]
-            shape = (
-                1,
-                self.unet.config.in_channels,
-                height // self.vae_scale_factor,
-                width // self.vae_scale_factor,
-            )
-            latents = torch.cat([torch.randn(shape, generator=g, dtype=dtype) for g in generators])
-            latents = latents.to(self.device) * scheduler.init_noise_sigma
+            start = self._start(requests, scheduler, timesteps, generators)
+            latents = start.latents
 
-            # 4. Denoising loop, classifier-free guidance as one doubled batch.
+            # 4. Denoising loop, classifier-free guidance as one doubled batch. Inpainting models
+            #    see the mask and masked image beside the latents; other UNets inpaint by
+            #    blending the re-noised image back outside the mask after every step.
             step_kwargs = {"generator": generators} if _accepts(scheduler.step, "generator") else {}
             if _accepts(scheduler.step, "eta"):
                 step_kwargs["eta"] = 0.0
-            for t in scheduler.timesteps:
-                model_input = torch.cat([latents] * 2) if use_cfg else latents
+            extra = None
+            if start.masked_image_latents is not None:
+                extra = torch.cat([start.mask, start.masked_image_latents], dim=1)
+                extra = torch.cat([extra] * 2) if guided else extra
+            warmup = len(timesteps) - (first.steps - skip // scheduler.order) * scheduler.order
+            done = 0
+            for i, t in enumerate(timesteps):
+                model_input = torch.cat([latents] * 2) if guided else latents
                 model_input = scheduler.scale_model_input(model_input, t)
-                noise = self.unet(model_input, t, encoder_hidden_states=embeds, return_dict=False)[
-                    0
-                ]
-                if use_cfg:
+                unet_input = model_input if extra is None else torch.cat([model_input, extra], 1)
+                noise = self.unet(
+                    unet_input,
+                    t,
+                    encoder_hidden_states=conditioning.embeds,
+                    **conditioning.unet_kwargs,
+                    return_dict=False,
+                )[0]
+                if guided:
                     noise_uncond, noise_text = noise.chunk(2)
                     noise = noise_uncond + guidance * (noise_text - noise_uncond)
+                completes = i == len(timesteps) - 1 or (
+                    i + 1 > warmup and (i + 1) % scheduler.order == 0
+                )
+                done += completes
+                wanted = [k for k, r in enumerate(requests) if completes and done in r.preview_at]
+                if wanted:
+                    sample = model_input[: len(requests)]
+                    estimate = _predicted_original(scheduler, sample, noise, t)
+                    self._previews(estimate, wanted, done, previews, on_preview)
                 latents = scheduler.step(noise, t, latents, **step_kwargs, return_dict=False)[0]
+                if start.mask is not None and start.masked_image_latents is None:
+                    proper = start.image_latents
+                    if i < len(timesteps) - 1:
+                        proper = scheduler.add_noise(proper, start.noise, timesteps[i + 1 : i + 2])
+                    latents = (1 - start.mask) * proper + start.mask * latents
 
             # 5. Decode with the VAE and convert to uint8 pixels.
-            scaled = latents / self.vae.config.scaling_factor
-            images = self.vae.decode(scaled.to(self.vae.dtype), return_dict=False)[0]
+            images = self._decode(latents)
             finite = torch.isfinite(images.flatten(1)).all(dim=1).tolist()
-            pixels = ((images.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
-            pixels = pixels.permute(0, 2, 3, 1).cpu().numpy()
+            pixels = _to_pixels(images)
 
         results = []
-        for request, image, ok, cut in zip(requests, pixels, finite, truncated, strict=True):
+        for request, image, ok, cut, shown in zip(
+            requests, pixels, finite, truncated, previews, strict=True
+        ):
             if ok:
-                results.append(GenerationResult(request, np.ascontiguousarray(image), cut))
+                results.append(GenerationResult(request, image, cut, previews=shown))
             else:
                 results.append(
                     GenerationResult(
@@ -252,6 +317,161 @@ class DiffusionEngine:
                     )
                 )
         return results
+
+    def _start(self, requests, scheduler, timesteps, generators) -> _Start:
+        """Step 3: the starting latents, as diffusers' txt2img, img2img and inpaint pipelines
+        make them, drawing from each row's generator in their order: the init image's latents
+        (when used), the noise, then the masked image's latents (inpainting)."""
+        import torch
+
+        first = requests[0]
+        dtype = self.unet.dtype
+        shape = (
+            1,
+            self.plan.latent_channels,
+            *self.plan.latent_shape(first.width, first.height)[1:],
+        )
+
+        def noise():
+            rows = [torch.randn(shape, generator=g, dtype=dtype) for g in generators]
+            return torch.cat(rows).to(self.device)
+
+        if first.mode == "txt2img":
+            return _Start(noise() * scheduler.init_noise_sigma)
+        images = _from_pixels([r.init_image for r in requests], self.device)
+        from_noise = first.mode == "inpaint" and first.strength == 1.0
+        image_latents = None
+        if not (from_noise and self.plan.inpainting):
+            image_latents = self._encode(images, generators)
+        start_noise = noise()
+        if from_noise:
+            latents = start_noise * scheduler.init_noise_sigma
+        else:
+            origin = timesteps[:1].repeat(len(requests))
+            latents = scheduler.add_noise(image_latents, start_noise, origin)
+        if first.mode == "img2img":
+            return _Start(latents, start_noise, image_latents)
+        masks = torch.from_numpy(np.stack([r.mask_image >= 128 for r in requests]))
+        masks = masks[:, None].to(self.device, torch.float32)  # 1 = repaint
+        latent_size = shape[-2:]
+        mask = torch.nn.functional.interpolate(masks, size=latent_size).to(dtype)
+        masked = images * (masks < 0.5)
+        if self.plan.inpainting:
+            masked_latents = self._encode(masked, generators)
+        else:  # diffusers encodes the masked image and never uses it here: only draw alike
+            masked_latents = None
+            for generator in generators:
+                torch.randn(shape, generator=generator, dtype=self.vae.dtype)
+        return _Start(latents, start_noise, image_latents, mask, masked_latents)
+
+    def _encode(self, images, generators):
+        """Init images ([-1, 1]) to latents: the VAE encoder's distribution, sampled with each
+        row's generator, scaled as the decoder expects."""
+        import torch
+
+        config = self.vae.config
+        posterior = self.vae.encode(images.to(self.vae.dtype)).latent_dist
+        draws = [
+            torch.randn(posterior.mean[:1].shape, generator=g, dtype=posterior.mean.dtype)
+            for g in generators
+        ]
+        latents = posterior.mean + posterior.std * torch.cat(draws).to(self.device)
+        mean, std = _latent_statistics(config, latents)
+        if mean is not None:
+            latents = (latents - mean) * config.scaling_factor / std
+        else:
+            latents = latents * config.scaling_factor
+        return latents.to(self.unet.dtype)
+
+    def _previews(self, estimate, rows, step, previews, on_preview) -> None:
+        """Decode the estimate of the final image for the rows that asked at this step."""
+        import torch
+
+        pixels = _to_pixels(self._decode(estimate[torch.tensor(rows)]))
+        for row, image in zip(rows, pixels, strict=True):
+            previews[row].append((step, image))
+            if on_preview is not None:
+                on_preview(row, step, image)
+
+    def _decode(self, latents):
+        """Latents to images in [-1, 1] with the VAE (in its own dtype: float32 where the
+        family upcasts), undoing the latent scaling, then the watermark if asked for."""
+        config = self.vae.config
+        latents = latents.to(self.vae.dtype)
+        mean, std = _latent_statistics(config, latents)
+        if mean is not None:
+            latents = latents * std / config.scaling_factor + mean
+        else:
+            latents = latents / config.scaling_factor
+        images = self.vae.decode(latents, return_dict=False)[0]
+        if self.watermarker is not None:
+            images = self.watermarker.apply_watermark(images)
+        return images
+
+
+def _latent_statistics(config, like):
+    """The VAE's per-channel latent mean and std (some SDXL-family VAEs), else (None, None)."""
+    import torch
+
+    mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
+    if mean is None or std is None:
+        return None, None
+    view = (1, -1, 1, 1)
+    return torch.tensor(mean).view(view).to(like), torch.tensor(std).view(view).to(like)
+
+
+def _from_pixels(images: Sequence[np.ndarray], device: str):
+    """HxWx3 uint8 images to a (rows, 3, H, W) float32 batch in [-1, 1], as diffusers'
+    VaeImageProcessor normalises them."""
+    import torch
+
+    batch = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255.0
+    return (2.0 * batch - 1.0).to(device)
+
+
+def _to_pixels(images) -> list[np.ndarray]:
+    """(rows, 3, H, W) images in [-1, 1] to HxWx3 uint8 arrays."""
+    import torch
+
+    pixels = ((images.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
+    return [np.ascontiguousarray(p) for p in pixels.permute(0, 2, 3, 1).cpu().numpy()]
+
+
+def _predicted_original(scheduler, sample, model_output, t):
+    """The model's estimate of the clean latents from `sample` (the scaled model input, in
+    variance-preserving form) and its output at `t`, for previews. The noise level comes from
+    the scheduler's sigma at this step where it has sigmas, else from alphas_cumprod[t]."""
+    import torch
+
+    sigmas, index = getattr(scheduler, "sigmas", None), getattr(scheduler, "step_index", None)
+    if sigmas is not None and index is not None and index < len(sigmas):
+        alpha_bar = 1.0 / (1.0 + float(sigmas[index]) ** 2)
+    else:
+        alpha_bar = float(scheduler.alphas_cumprod[int(t)])
+    a, b = alpha_bar**0.5, (1.0 - alpha_bar) ** 0.5
+    sample, model_output = sample.float(), model_output.float()
+    kind = scheduler.config.prediction_type
+    if kind == "v_prediction":
+        estimate = a * sample - b * model_output
+    elif kind == "sample":
+        estimate = model_output
+    else:
+        estimate = (sample - b * model_output) / a
+    return estimate.to(torch.get_default_dtype())
+
+
+def _watermarker():
+    """diffusers' SDXL invisible watermark (model.watermark), which needs its own package."""
+    from diffusers.utils import is_invisible_watermark_available
+
+    if not is_invisible_watermark_available():
+        raise ModelError(
+            "model.watermark=true needs the invisible-watermark package (pip install "
+            "invisible-watermark), which is not installed here"
+        )
+    from diffusers.pipelines.stable_diffusion_xl.watermark import StableDiffusionXLWatermarker
+
+    return StableDiffusionXLWatermarker()
 
 
 def _accepts(function, name: str) -> bool:

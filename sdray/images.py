@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import io
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from PIL import Image, PngImagePlugin
+from PIL import Image, ImageOps, PngImagePlugin
 
 from sdray.schedulers import SCHEDULERS
 
@@ -24,11 +25,14 @@ def infotext(params: dict[str, Any]) -> str:
     scheduler = params["scheduler"]
     sampler = SCHEDULERS[scheduler].label if scheduler in SCHEDULERS else scheduler
     guidance = float(params["guidance_scale"])
-    lines.append(
+    settings = (
         f"Steps: {params['steps']}, Sampler: {sampler}, CFG scale: {guidance:g}, "
         f"Seed: {params['seed']}, Size: {params['width']}x{params['height']}, "
         f"Model: {params['model']}"
     )
+    if params.get("strength") is not None:
+        settings += f", Denoising strength: {float(params['strength']):g}"
+    lines.append(settings)
     return "\n".join(lines)
 
 
@@ -62,3 +66,144 @@ def read_infotext(data: bytes) -> str | None:
     if isinstance(comment, str):
         return comment
     return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Image inputs (image-to-image, inpainting): decode, check, size and crop, as CPU work outside
+# the model, the same for batch rows and served requests.
+
+
+class ImageInputError(ValueError):
+    """An init or mask image that cannot be used; the message names the field and value."""
+
+
+@dataclass
+class PreparedInputs:
+    """An init image (HxWx3 uint8) and optional mask (HxW uint8) at the size to generate."""
+
+    init: np.ndarray
+    mask: np.ndarray | None
+    width: int
+    height: int
+
+
+def decode_input(data: bytes, field: str, shown: str, max_pixels: int) -> Image.Image:
+    """Open an encoded image, refusing non-images, truncated files and images over `max_pixels`
+    (checked from the header, before the pixels are decoded: no decompression bomb is ever
+    expanded)."""
+    try:
+        image = Image.open(io.BytesIO(data))
+        if image.width * image.height > max_pixels:
+            raise ImageInputError(
+                f"{field}={shown}: {image.width}x{image.height} is over the limit of "
+                f"{max_pixels} pixels (generation.max_input_pixels)"
+            )
+        image.load()
+    except ImageInputError:
+        raise
+    except Image.DecompressionBombError as error:
+        raise ImageInputError(
+            f"{field}={shown}: refused as a decompression bomb ({error})"
+        ) from None
+    except (OSError, SyntaxError, ValueError) as error:  # PIL: unknown format, truncated data
+        raise ImageInputError(f"{field}={shown}: is not a readable image ({error})") from None
+    return image
+
+
+def input_size(
+    image_size: tuple[int, int],
+    width: int | None,
+    height: int | None,
+    max_width: int,
+    max_height: int,
+) -> tuple[int, int]:
+    """The size to generate from an init image: the row's width/height where given, else the
+    picture's, scaled down (keeping its aspect ratio) to fit the limits, then rounded down to a
+    multiple of 8."""
+    w, h = image_size
+    scale = min(1.0, max_width / w, max_height / h)
+    w, h = w * scale, h * scale
+    return (
+        width if width is not None else max(8, int(w) // 8 * 8),
+        height if height is not None else max(8, int(h) // 8 * 8),
+    )
+
+
+def fit(image: Image.Image, width: int, height: int) -> Image.Image:
+    """The picture at exactly width x height without distortion: scaled (Lanczos) to cover it,
+    then centre-cropped, as diffusers' `VaeImageProcessor.resize(..., resize_mode="crop")`."""
+    if image.size == (width, height):
+        return image
+    if width / height > image.width / image.height:
+        size = (width, image.height * width // image.width)
+    else:
+        size = (image.width * height // image.height, height)
+    scaled = image.resize(size, resample=Image.LANCZOS)
+    canvas = Image.new(image.mode, (width, height))
+    canvas.paste(scaled, (width // 2 - size[0] // 2, height // 2 - size[1] // 2))
+    return canvas
+
+
+def mask_layer(mask: Image.Image, alpha: bool = False) -> Image.Image:
+    """A mask as greyscale, white (>= 128) = repaint. With `alpha` (OpenAI's convention: the
+    transparent areas are edited), a mask that has transparent pixels repaints where it is
+    transparent (255 - alpha); one without transparency is read by its luminance."""
+    if alpha and mask.has_transparency_data:
+        opacity = mask.convert("RGBA").getchannel("A")
+        if opacity.getextrema()[0] < 255:
+            return ImageOps.invert(opacity)
+    return mask.convert("L")
+
+
+def prepare_inputs(
+    init: bytes,
+    mask: bytes | None,
+    *,
+    width: int | None,
+    height: int | None,
+    max_width: int,
+    max_height: int,
+    max_pixels: int,
+    shown: dict[str, str] | None = None,
+    mask_alpha: bool = False,
+) -> PreparedInputs:
+    """Decode, check and size an init image (RGB) and its mask (greyscale; white repaints;
+    with `mask_alpha`, transparent repaints where the mask has transparency: see `mask_layer`)."""
+    shown = shown or {}
+    picture = decode_input(init, "init_image", shown.get("init_image", "<bytes>"), max_pixels)
+    layer = None
+    if mask is not None:
+        layer = decode_input(mask, "mask_image", shown.get("mask_image", "<bytes>"), max_pixels)
+        if layer.size != picture.size:
+            raise ImageInputError(
+                f"mask_image={shown.get('mask_image', '<bytes>')}: its size "
+                f"{layer.width}x{layer.height} differs from the init image's "
+                f"{picture.width}x{picture.height}"
+            )
+    w, h = input_size(picture.size, width, height, max_width, max_height)
+    return PreparedInputs(
+        init=np.asarray(fit(picture.convert("RGB"), w, h)),
+        mask=None if layer is None else np.asarray(fit(mask_layer(layer, mask_alpha), w, h)),
+        width=w,
+        height=h,
+    )
+
+
+def filmstrip(frames: list[tuple[str, np.ndarray]], image_format: str = "png") -> bytes:
+    """One strip image of labelled frames, left to right (the image emerging, step by step)."""
+    from PIL import ImageDraw, ImageFont
+
+    font = ImageFont.load_default()
+    label_height = 14
+    height = max(frame.shape[0] for _, frame in frames)
+    width = sum(frame.shape[1] for _, frame in frames) + 2 * (len(frames) - 1)
+    strip = Image.new("RGB", (width, height + label_height), (255, 255, 255))
+    draw = ImageDraw.Draw(strip)
+    x = 0
+    for label, frame in frames:
+        strip.paste(Image.fromarray(frame, "RGB"), (x, 0))
+        draw.text((x + 2, height + 1), label, fill=(0, 0, 0), font=font)
+        x += frame.shape[1] + 2
+    buffer = io.BytesIO()
+    strip.save(buffer, format="PNG" if image_format == "png" else image_format.upper())
+    return buffer.getvalue()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import decimal
 import hashlib
 import math
@@ -16,6 +17,15 @@ from sdray.schedulers import SCHEDULERS
 
 SEED_LIMIT = 2**63
 
+# SDXL's per-row micro-conditioning (original size, crop top-left); other families ignore it.
+MICRO_CONDITIONING = ("original_width", "original_height", "crop_top", "crop_left")
+# Image-to-image and inpainting: a URI (relative to the table's own location when relative) or
+# the encoded image's bytes.
+IMAGE_INPUTS = ("init_image", "mask_image")
+# Hidden columns that carry image inputs given as bytes (the visible column keeps only URIs).
+IMAGE_BYTES = {name: f"__sdray_{name}_bytes" for name in IMAGE_INPUTS}
+# Columns sdray adds about image inputs.
+IMAGE_DIGESTS = {"init_image": "init_sha256", "mask_image": "mask_sha256"}
 # Columns that rows may set; anything else in the input is carried through unchanged.
 REQUEST_COLUMNS = (
     "id",
@@ -27,9 +37,23 @@ REQUEST_COLUMNS = (
     "width",
     "height",
     "scheduler",
+    *MICRO_CONDITIONING,
+    *IMAGE_INPUTS,
+    "strength",
 )
 # Columns sdray itself adds; an input table may not bring its own.
-RESULT_COLUMNS = ("model", "status", "error", "truncated", "image_path", "sha256")
+RESULT_COLUMNS = (
+    *IMAGE_DIGESTS.values(),
+    "preview_path",
+    "model",
+    "model_family",
+    "mode",
+    "status",
+    "error",
+    "truncated",
+    "image_path",
+    "sha256",
+)
 # Hidden bookkeeping added by the reader: where a row came from (for stable derived ids).
 SOURCE_COLUMN = "__sdray_source"
 ROW_COLUMN = "__sdray_row"
@@ -49,6 +73,14 @@ PREPARED_SCHEMA = pa.schema(
         ("width", pa.int64()),
         ("height", pa.int64()),
         ("scheduler", pa.string()),
+        ("original_width", pa.int64()),
+        ("original_height", pa.int64()),
+        ("crop_top", pa.int64()),
+        ("crop_left", pa.int64()),
+        ("init_image", pa.string()),
+        ("mask_image", pa.string()),
+        ("strength", pa.float64()),
+        ("mode", pa.string()),
         ("status", pa.string()),
         ("error", pa.string()),
     ]
@@ -68,19 +100,67 @@ class GenerationRequest:
     width: int
     height: int
     scheduler: str
+    # SDXL's micro-conditioning (ignored by other families); None: diffusers' defaults, the
+    # target size and a (0, 0) crop.
+    original_width: int | None = None
+    original_height: int | None = None
+    crop_top: int | None = None
+    crop_left: int | None = None
+    # Image-to-image: the starting picture as HxWx3 uint8 pixels at (height, width), prepared
+    # outside the engine; how much of the schedule re-noises it (0 < strength <= 1). With a
+    # mask (HxW uint8; white, >= 128, is repainted): inpainting.
+    init_image: Any = dataclasses.field(default=None, compare=False, repr=False)
+    mask_image: Any = dataclasses.field(default=None, compare=False, repr=False)
+    strength: float | None = None
+    # Denoising steps (1-based, of the steps run) after which to keep the model's estimate of
+    # the final image (a preview); they never change the image itself.
+    preview_at: tuple[int, ...] = ()
+
+    @property
+    def mode(self) -> str:
+        """txt2img | img2img | inpaint."""
+        if self.init_image is None:
+            return "txt2img"
+        return "img2img" if self.mask_image is None else "inpaint"
 
     def batch_key(self) -> tuple:
-        """Requests with equal keys can share one denoising batch."""
-        return (self.width, self.height, self.steps, self.scheduler, self.guidance_scale)
+        """Requests with equal keys can share one denoising batch: same size, schedule and
+        guidance, and the same kind of start (txt2img never shares with img2img)."""
+        strength = None if self.init_image is None else self.strength
+        return (
+            self.width,
+            self.height,
+            self.steps,
+            self.scheduler,
+            self.guidance_scale,
+            self.mode,
+            strength,
+        )
+
+
+def denoising_start(steps: int, strength: float | None) -> int:
+    """How many of `steps` an image-to-image row skips: it runs the last int(steps x strength),
+    as diffusers' img2img and inpaint pipelines do (strength None: text-to-image, skips none)."""
+    if strength is None:
+        return 0
+    return max(steps - min(int(steps * strength), steps), 0)
 
 
 def batch_key_string(fields: dict[str, Any]) -> str:
-    """`batch_key` as a sortable string; error rows sort last."""
+    """`batch_key` as a sortable string; error rows sort last. Image-to-image rows that take
+    their size from their picture sort by mode and strength only (the size is known once the
+    picture is read; the engine still splits a batch by size)."""
     if fields.get("status") != "ok":
         return "~"
+    size = (
+        "picture"
+        if fields["width"] is None or fields["height"] is None
+        else f"{fields['width']:05d}x{fields['height']:05d}"
+    )
+    strength = "" if fields.get("strength") is None else f"/{fields['strength']:.6f}"
     return (
-        f"{fields['width']:05d}x{fields['height']:05d}/{fields['steps']:04d}/"
-        f"{fields['scheduler']}/{fields['guidance_scale']:012.4f}"
+        f"{size}/{fields['steps']:04d}/{fields['scheduler']}/"
+        f"{fields['guidance_scale']:012.4f}/{fields.get('mode') or 'txt2img'}{strength}"
     )
 
 
@@ -146,7 +226,8 @@ def validate_row(row: dict[str, Any], config: GenerationConfig) -> tuple[dict[st
     out: dict[str, Any] = {}
 
     def bad(field: str, value: Any, why: str) -> None:
-        errors.append(f"{field}={value!r}: {why}")
+        shown = f"<{len(value)} bytes>" if isinstance(value, bytes) else repr(value)
+        errors.append(f"{field}={shown}: {why}")
         out[field] = None
 
     prompt = row.get("prompt")
@@ -182,10 +263,11 @@ def validate_row(row: dict[str, Any], config: GenerationConfig) -> tuple[dict[st
         else:
             out[field] = number
 
+    from_picture = row.get("init_image") is not None
     for field, limit in (("width", config.max_width), ("height", config.max_height)):
         value = row.get(field)
-        if value is None:
-            out[field] = getattr(config, field)
+        if value is None:  # image-to-image: the picture's size (see sdray.images.input_size)
+            out[field] = None if from_picture else getattr(config, field)
             continue
         number = as_int(value)
         if number is None or number <= 0 or number % 8:
@@ -213,6 +295,20 @@ def validate_row(row: dict[str, Any], config: GenerationConfig) -> tuple[dict[st
     else:
         out["scheduler"] = scheduler
 
+    for field in MICRO_CONDITIONING:
+        value = row.get(field)
+        if value is None:
+            out[field] = None
+            continue
+        number = as_int(value)
+        least = 0 if field.startswith("crop") else 1
+        if number is None or number < least:
+            bad(field, value, f"must be an integer >= {least}")
+        else:
+            out[field] = number
+
+    _validate_images(row, config, out, bad)
+
     seed = row.get("seed")
     if seed is None:
         out["seed"] = None  # derived from the id by the caller
@@ -223,6 +319,37 @@ def validate_row(row: dict[str, Any], config: GenerationConfig) -> tuple[dict[st
         else:
             out["seed"] = number
     return out, errors
+
+
+def _validate_images(row: dict[str, Any], config: GenerationConfig, out: dict, bad) -> None:
+    """init_image / mask_image (a URI or bytes) and strength; the mode they make."""
+    for name in IMAGE_INPUTS:
+        value = row.get(name)
+        if value is None or (isinstance(value, bytes) and value):
+            out[name] = value
+        elif isinstance(value, str) and value.strip() and is_unicode_text(value):
+            out[name] = value
+        else:
+            bad(name, value, "must be a URI or the image's bytes")
+    if row.get("init_image") is None:
+        out["mode"], out["strength"] = "txt2img", None
+        if row.get("mask_image") is not None:
+            bad("mask_image", row["mask_image"], "needs an init_image to inpaint")
+        return
+    out["mode"] = "img2img" if row.get("mask_image") is None else "inpaint"
+    value = row.get("strength")
+    strength = config.strength if value is None else _as_float(value)
+    if strength is None or not 0 < strength <= 1:
+        bad("strength", value, "must be a number in (0, 1]")
+    elif out.get("steps") and int(out["steps"] * strength) < 1:
+        bad(
+            "strength",
+            value if value is not None else strength,
+            f"with steps={out['steps']} leaves int(steps x strength) = 0 denoising steps; "
+            "raise steps or strength",
+        )
+    else:
+        out["strength"] = strength
 
 
 def check_columns(names: list[str]) -> None:
@@ -247,6 +374,11 @@ def prepare_table(table: pa.Table, config: GenerationConfig) -> pa.Table:
     reader has already refused tables without a `prompt` column; a block without one (JSON
     lines that all lack it) is a block of rows with null prompts.
     """
+    if config.width is None or config.height is None:
+        raise ValueError(
+            "generation.width/height are unset here: fill them from the model first "
+            "(sdray.families.with_model_defaults)"
+        )
     check_columns([n for n in table.column_names if not n.startswith("__sdray")] + ["prompt"])
     carried = [
         n for n in table.column_names if n not in REQUEST_COLUMNS and not n.startswith("__sdray")
@@ -264,6 +396,7 @@ def prepare_table(table: pa.Table, config: GenerationConfig) -> pa.Table:
     )
 
     columns: dict[str, list[Any]] = {field.name: [] for field in PREPARED_SCHEMA}
+    image_bytes: dict[str, list[bytes | None]] = {name: [] for name in IMAGE_INPUTS}
     for index, row in enumerate(rows):
         fields, errors = validate_row(row, config)
         if read_errors and read_errors[index]:
@@ -284,23 +417,41 @@ def prepare_table(table: pa.Table, config: GenerationConfig) -> pa.Table:
         fields["id"] = row_id
         fields["status"] = "error" if errors else "ok"
         fields["error"] = "; ".join(errors) if errors else None
+        for name in IMAGE_INPUTS:  # bytes ride hidden; the visible column holds only URIs
+            value = fields.get(name)
+            image_bytes[name].append(value if isinstance(value, bytes) else None)
+            if isinstance(value, bytes):
+                fields[name] = None
         for name in columns:
             columns[name].append(fields.get(name))
     prepared = pa.table(columns, schema=PREPARED_SCHEMA)
     keys = [
         batch_key_string(row)
         for row in prepared.select(
-            ["status", "width", "height", "steps", "scheduler", "guidance_scale"]
+            [
+                "status",
+                "width",
+                "height",
+                "steps",
+                "scheduler",
+                "guidance_scale",
+                "mode",
+                "strength",
+            ]
         ).to_pylist()
     ]
     prepared = prepared.append_column(BATCH_KEY_COLUMN, pa.array(keys, pa.string()))
+    for name, values in image_bytes.items():  # always, so every block has the same columns
+        prepared = prepared.append_column(IMAGE_BYTES[name], pa.array(values, pa.binary()))
     for name in carried:
         prepared = prepared.append_column(name, table.column(name))
     return prepared
 
 
-def request_from_row(row: dict[str, Any]) -> GenerationRequest:
-    """A GenerationRequest from a prepared (status ok) row."""
+def request_from_row(row: dict[str, Any], **images: Any) -> GenerationRequest:
+    """A GenerationRequest from a prepared (status ok) row; `images`: its init_image and
+    mask_image pixels, and preview_at."""
+    strength = row.get("strength")
     return GenerationRequest(
         id=row["id"],
         prompt=row["prompt"],
@@ -311,4 +462,11 @@ def request_from_row(row: dict[str, Any]) -> GenerationRequest:
         width=int(row["width"]),
         height=int(row["height"]),
         scheduler=row["scheduler"],
+        **{name: _optional_int(row.get(name)) for name in MICRO_CONDITIONING},
+        strength=None if strength is None else float(strength),
+        **images,
     )
+
+
+def _optional_int(value: Any) -> int | None:
+    return None if value is None else int(value)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import fsspec
@@ -29,7 +30,12 @@ PERMANENT_ERRORS = (
 
 
 def with_retries(action: Callable[[], T], what: str, attempts: int = 5, delay: float = 0.5) -> T:
-    """Run a storage action, retrying transient failures with exponential backoff."""
+    """Run a storage action, retrying transient failures with exponential backoff.
+
+    Being retired: s3fs and botocore retry by themselves (see `filesystem`), so this only
+    stacks more retries on theirs. Callers left: sdray/models, batch/read.py, batch/lease.py
+    and sweep/contact_sheets.py.
+    """
     for attempt in range(1, attempts + 1):
         try:
             return action()
@@ -50,9 +56,20 @@ def with_retries(action: Callable[[], T], what: str, attempts: int = 5, delay: f
     raise AssertionError("unreachable")
 
 
+# Transient object store errors (throttling, resets, 5xx) are retried by the libraries: s3fs
+# retries each call (its `retries`, 5 by default), botocore each request, here in its "standard"
+# mode (exponential backoff with jitter) unless storage_options set `config_kwargs.retries`.
+S3_RETRIES = {"mode": "standard", "max_attempts": 10}
+
+
 def filesystem(uri: str, storage_options: dict[str, Any] | None = None):
     """Return `(fs, path)` for a URI; `path` is what `fs` methods take."""
-    fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+    options = dict(storage_options or {})
+    if uri.split("://", 1)[0] in ("s3", "s3a"):
+        config = dict(options.get("config_kwargs") or {})
+        config.setdefault("retries", S3_RETRIES)
+        options["config_kwargs"] = config
+    fs, path = fsspec.core.url_to_fs(uri, **options)
     return fs, path
 
 
@@ -90,7 +107,8 @@ def write_bytes_atomic(fs, path: str, data: bytes, content_type: str | None = No
     """Write so that no reader sees a half-written file.
 
     Local disk: write a temporary file beside it, then rename. Object stores: one whole-object
-    put (`pipe_file`), visible only once complete, retried on transient errors; `content_type`
+    put (`pipe_file`), visible only once complete (the store's client retries transient
+    errors, see `filesystem`); `content_type`
     sets the object's Content-Type where the store supports it (for pages a browser opens).
     """
     if is_local(fs):
@@ -106,7 +124,93 @@ def write_bytes_atomic(fs, path: str, data: bytes, content_type: str | None = No
         protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
         keyword = _CONTENT_TYPE_KEYWORDS.get(protocol)
         extra = {keyword: content_type} if keyword and content_type else {}
-        with_retries(lambda: fs.pipe_file(path, data, **extra), f"writing {path}")
+        fs.pipe_file(path, data, **extra)
+
+
+def _is_s3(fs) -> bool:
+    return "s3" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
+
+
+def put_if(fs, path: str, data: bytes, **condition: str) -> str | None:
+    """S3: a conditional PUT (`IfNoneMatch="*"`: only if absent; `IfMatch=etag`: only if still
+    that version). Returns the new ETag, or None when the condition failed (412, or 409 while a
+    racing conditional write is in flight); any other error is raised."""
+    bucket, key, _ = fs.split_path(path)
+    try:
+        reply = fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, **condition)
+    except OSError as error:  # s3fs turns every S3 error into an OSError subclass
+        seen: BaseException | None = error
+        while seen is not None:
+            code = (getattr(seen, "response", None) or {}).get("Error", {}).get("Code")
+            if code in ("PreconditionFailed", "ConditionalRequestConflict", "412", "409"):
+                return None
+            seen = seen.__cause__ or seen.__context__
+        raise
+    return reply["ETag"]
+
+
+def create_new(fs, path: str, data: bytes) -> bool:
+    """Write `path` only if nothing is there yet, so that of two writers exactly one wins; return
+    whether this one did.
+
+    Local disk: a complete temporary file hard-linked into place (the link fails if the path
+    exists, also between machines sharing the filesystem; readers never see half a file).
+    S3: a conditional PUT. Other stores: an existence check, then a write (not atomic).
+    """
+    if _is_s3(fs):
+        return put_if(fs, path, data, IfNoneMatch="*") is not None
+    if not is_local(fs):
+        if fs.exists(path):
+            return False
+        fs.pipe_file(path, data)
+        return True
+    directory = os.path.dirname(path)
+    os.makedirs(directory, exist_ok=True)
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
+    with open(tmp, "wb") as handle:
+        handle.write(data)
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        return False
+    except OSError:  # no hard links here (some FUSE and SMB mounts): an exclusive create
+        try:
+            with open(path, "xb") as handle:
+                handle.write(data)
+        except FileExistsError:
+            return False
+    finally:
+        os.unlink(tmp)
+    return True
+
+
+@contextlib.contextmanager
+def upload(fs, path: str) -> Iterator[Any]:
+    """A file to stream one object into, visible at `path` only once complete.
+
+    Local disk: a temporary file beside it, renamed into place on success. Object stores: the
+    store's own streaming upload (S3: multipart, in parts of a few MB; the object appears when
+    the upload completes), so a shard never sits whole in memory.
+    """
+    if not is_local(fs):
+        handle = fs.open(path, "wb")
+        try:
+            yield handle
+        except BaseException:
+            handle.discard()  # never publish half an object (S3: abort the multipart upload)
+            raise
+        handle.close()
+        return
+    directory = os.path.dirname(path)
+    os.makedirs(directory, exist_ok=True)
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(tmp, "wb") as handle:
+            yield handle
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def read_json(fs, path: str) -> Any | None:

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
+
+# pipelines/ is not a package: the benchmark tools the tests exercise are imported from there.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "pipelines"))
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -33,6 +37,7 @@ def ray_cluster(model_cache):
     import ray
 
     context = ray.init(
+        address="local",  # never join a cluster some earlier process left behind
         num_cpus=2,
         include_dashboard=False,
         logging_level="WARNING",

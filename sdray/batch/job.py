@@ -6,7 +6,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import math
 import platform
 import re
 import sys
@@ -18,8 +17,14 @@ from datetime import datetime, timezone
 from importlib import metadata as importlib_metadata
 from typing import Any
 
-from sdray.batch.lease import is_lease_file, output_lease
-from sdray.batch.read import read_prompts
+from sdray.batch.cluster import (
+    check_paths_on_every_node,
+    collect_stats,
+    runtime_env_for_driver,
+    start_stats_actor,
+)
+from sdray.batch.lease import check_held, is_lease_file, lease_run, output_lease
+from sdray.batch.plan import JobPlan, plan_job, start_registry
 from sdray.batch.sink import (
     IMAGES_DIR,
     MANIFEST,
@@ -28,9 +33,11 @@ from sdray.batch.sink import (
     partitioning_record,
     remove_uncommitted,
 )
-from sdray.batch.stages import EncodeStage, ErrorBudgetExceeded, GenerateStage, PrepareStage
+from sdray.batch.stages import EncodeStage, ErrorBudgetExceeded, GenerateStage, ImageInputStage
+from sdray.batch.units import PrepareUnits, UnitStage
 from sdray.config import SdrayConfig
 from sdray.errors import InputError, SdrayError
+from sdray.families import with_model_defaults
 from sdray.models import model_identity
 from sdray.requests import BATCH_KEY_COLUMN
 from sdray.storage import (
@@ -58,7 +65,7 @@ class JobSummary:
     wall_seconds: float
     images_per_second: float
     manifest: dict[str, Any]
-    shards: list[dict[str, Any]]
+    shards: int
 
     def line(self) -> str:
         return (
@@ -68,24 +75,20 @@ class JobSummary:
         )
 
 
-# Passed from the driver to every worker of the job, so credentials and endpoints set where
-# `sdray` runs (the standard AWS variables, sdray's cache) reach the tasks that read and write.
-FORWARDED_ENV_PREFIXES = ("AWS_", "SDRAY_", "HF_HUB_OFFLINE", "S3_")
-
-
 def ensure_ray() -> None:
-    """Connect to the cluster in RAY_ADDRESS, or start a local one, once per process."""
-    import os
+    """Connect to the cluster in RAY_ADDRESS, or start a local one, once per process.
 
+    The driver's storage credentials and sdray settings reach every worker of the job through
+    a setup hook, never the job's `env_vars`, which Ray logs (see `sdray.batch.cluster`).
+    """
     import ray
 
     if not ray.is_initialized():
-        env = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIXES)}
         ray.init(
             logging_level=logging.WARNING,
             log_to_driver=True,
             include_dashboard=False,
-            runtime_env={"env_vars": env} if env else None,
+            runtime_env=runtime_env_for_driver(),
         )
 
 
@@ -100,12 +103,15 @@ def package_versions() -> dict[str, str]:
 
 
 def fingerprint_parts(config: SdrayConfig, model: dict[str, str]) -> dict[str, Any]:
-    """What must not change between a run and its resume: model and its precision, generation
-    settings, output format. (Batching, actors and shard size may change; the input is checked
-    by content, see `plan_job`, so an output and its input can move.)"""
+    """What must not change between a run and its resume: model, its family and precision,
+    generation settings, output format. (Batching, actors and shard size may change; the input
+    is checked by content, see `plan_job`, so an output and its input can move.)"""
     return {
         "model": model["sha256"],
+        "model_family": model["family"],
+        "watermark": config.model.watermark,
         "dtype": resolved_dtype(config),
+        "levers": config.model.pixel_levers(),
         "generation": config.generation.model_dump(mode="json"),
         "output": config.output.model_dump(mode="json", exclude={"rows_per_shard"}),
     }
@@ -135,8 +141,10 @@ def fingerprint(parts: dict[str, Any]) -> str:
 
 
 def _changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """What differs between two records, as `key: old -> new`; keys `old` lacks are not changes
+    (settings added to sdray since `old` was written)."""
     changes = []
-    for key in sorted(set(old) | set(new)):
+    for key in sorted(old):
         a, b = old.get(key), new.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
             changes += _changes(a, b, f"{prefix}{key}.")
@@ -214,6 +222,8 @@ def clear_output(
 
 
 def _check_resumable(previous: dict[str, Any], parts: dict[str, Any], output_uri: str) -> None:
+    """Refuse a resume whose settings differ from the run's. A setting the run's sdray did not
+    have yet (absent from its record) is not a change: it had its default's effect then."""
     old = dict(previous.get("fingerprint_parts") or {})
     if old.get("dtype") == "auto":  # an output written when the manifest kept dtype unresolved
         device = ((previous.get("config") or {}).get("model") or {}).get("device")
@@ -306,14 +316,38 @@ def actor_resources(config: SdrayConfig) -> dict[str, float]:
     device = resolved_device(config)
     retries = config.batch.max_actor_restarts
     bounded = {"max_restarts": retries, "max_task_retries": retries}
-    if device == "cuda":
+    if device == "cuda" or config.model.reserve_gpus_on_cpu:
         if gpus == 0:
             _say(
-                "model.device=cuda but the Ray cluster has no GPUs now: the model actors wait "
-                "for GPU nodes to join (an autoscaling cluster adds them)"
+                f"model.device={device} with GPUs per model actor, but the Ray cluster has no "
+                "GPUs now: the model actors wait for GPU nodes to join (an autoscaling "
+                "cluster adds them)"
             )
         return {"num_gpus": config.batch.num_gpus_per_actor, "num_cpus": 1, **bounded}
     return {"num_cpus": config.batch.num_cpus_per_actor, **bounded}
+
+
+# Columns sdray fills in as a job runs, which a table cannot be partitioned by.
+SET_WHILE_RUNNING = (
+    "id",
+    "image_path",
+    "sha256",
+    "error",
+    "status",
+    "model",
+    "model_family",
+    "truncated",
+    "preview_path",
+    "init_sha256",
+    "mask_sha256",
+)
+
+
+def input_base(input_uri: str, storage: dict[str, Any]) -> str:
+    """Where relative image URIs of the table's rows start: the input directory, or the folder
+    of a single input file (a row's own subfolder is added from its source)."""
+    fs, path = filesystem(input_uri, storage)
+    return input_uri if fs.isdir(path) else input_uri.rstrip("/").rsplit("/", 1)[0]
 
 
 def _say(message: str) -> None:
@@ -321,122 +355,40 @@ def _say(message: str) -> None:
 
 
 def _configure_progress(progress: bool) -> None:
-    """Ray Data's progress bars on a terminal; elsewhere only sdray's own phase lines."""
+    """Ray Data's progress bars on a terminal; elsewhere only sdray's own phase lines (Ray
+    Data's log file keeps everything)."""
     from ray.data import DataContext
 
     context = DataContext.get_current()
     interactive = progress and sys.stderr.isatty()
     if not interactive:
-        logging.getLogger("ray.data").setLevel(logging.ERROR)
+        for handler in logging.getLogger("ray.data").handlers:
+            if getattr(handler, "stream", None) in (sys.stderr, sys.stdout):
+                handler.setLevel(logging.ERROR)
     context.enable_progress_bars = interactive
     context.enable_operator_progress_bars = False
     context.print_on_execution_start = False
     context.enable_auto_log_stats = False
 
 
-def _partitions_for(rows: int) -> int:
-    return max(1, min(64, rows // 100_000 + 1))
-
-
-def _duplicate_ids(prepared, rows: int, limit: int = 10) -> list[str]:
-    from ray.data.expressions import col
-
-    counts = prepared.groupby("id", num_partitions=_partitions_for(rows)).count()
-    dupes = counts.filter(expr=col("count()") > 1).take(limit)
-    return [row["id"] for row in dupes]
-
-
-def _invalid_examples(prepared, limit: int = 5) -> list[str]:
-    """A few invalid rows as `id: error`, for the user to see before generation starts."""
-    from ray.data.expressions import col
-
-    rows = prepared.filter(expr=col("status") == "error").select_columns(["id", "error"])
-    return [f"{row['id']}: {row['error']}" for row in rows.take(limit)]
-
-
-def _status_counts(prepared) -> dict[str, int]:
-    grouped = prepared.groupby("status", num_partitions=1).count()
+def _status_counts(dataset) -> dict[str, int]:
+    grouped = dataset.groupby("status", num_partitions=1).count()
     return {row["status"]: row["count()"] for row in grouped.take_all()}
 
 
-@dataclass
-class JobPlan:
-    """A validated job: the prepared rows in the object store, and what is left to generate."""
+def _one_unit_per_block(make):
+    """Build a dataset whose every row (a unit) is its own block, through all its stages: so
+    each unit is one task of each stage, whatever its size (the smallest block size there is;
+    the datasets built from it keep it)."""
+    from ray.data import DataContext
 
-    todo: Any  # ray.data.Dataset: the rows not committed yet, ordered for homogeneous batches
-    total: int
-    todo_rows: int
-    invalid: int
-
-
-def plan_job(
-    input_uri: str,
-    config: SdrayConfig,
-    *,
-    output_uri: str,
-    resuming: bool,
-    say=lambda message: None,
-) -> JobPlan:
-    """Read and validate every row (materialized in the object store, never in the driver),
-    refuse duplicate ids and mostly-invalid tables, and leave out rows already committed."""
-    storage = config.storage.storage_options
-    say(f"reading and validating {input_uri}")
+    context = DataContext.get_current()
+    default = context.target_max_block_size
+    context.target_max_block_size = 1
     try:
-        prepared = (
-            read_prompts(input_uri, storage)
-            .map_batches(PrepareStage(config.generation), batch_format="pyarrow", num_cpus=0.25)
-            .materialize()
-        )
-    except Exception as error:
-        raise _unwrap(error) from None
-    missing = [c for c in config.output.partition_by if c not in prepared.columns()]
-    if missing:
-        raise SdrayError(
-            f"output.partition_by names columns the table does not have: {', '.join(missing)}"
-        )
-    status = _status_counts(prepared)
-    total = sum(status.values())
-    if total == 0:
-        raise InputError(f"input {input_uri!r} holds no rows")
-    duplicates = _duplicate_ids(prepared, total)
-    if duplicates:
-        raise InputError(
-            "duplicate ids in the prompt table (each id must be unique): "
-            + ", ".join(map(repr, duplicates))
-        )
-    invalid = status.get("error", 0)
-    examples = _invalid_examples(prepared) if invalid else []
-    if invalid:
-        # Reported whatever the progress setting: these rows will not be generated.
-        _say(
-            f"{invalid} invalid rows will be recorded with status=error, for example:\n  "
-            + "\n  ".join(examples)
-        )
-
-    todo, todo_rows = prepared, total
-    committed = _read_metadata(output_uri, ["id"], storage) if resuming else None
-    if committed is not None:
-        # Partition-wise anti-join: no process ever holds every committed id.
-        todo = prepared.join(
-            committed, "left_anti", _partitions_for(total), on=("id",)
-        ).materialize()
-        todo_rows = todo.count()
-        committed_rows = committed.count()
-        foreign = committed_rows - (total - todo_rows)
-        if foreign:
-            raise SdrayError(
-                f"cannot resume {output_uri!r}: {foreign} of its {committed_rows} committed rows "
-                f"have ids that are not in {input_uri!r}. Resume with the input the run started "
-                "from, or start over with --overwrite."
-            )
-    # Rows of one partition together keep shards whole; rows of one shape together keep
-    # denoising batches homogeneous.
-    order = [*config.output.partition_by]
-    if config.batch.sort_by_shape:
-        order.append(BATCH_KEY_COLUMN)
-    if order and todo_rows:
-        todo = todo.sort(order)
-    return JobPlan(todo, total, todo_rows, invalid)
+        return make()
+    finally:
+        context.target_max_block_size = default
 
 
 def run_generate(
@@ -456,8 +408,9 @@ def run_generate(
 
     `extra_owned`/`keep`: see `prepare_output` and `clear_output`. `generate_stage` is the model
     actor class; only benchmarks of the bookkeeping swap it for a stand-in. The run holds the
-    output's lease throughout (see `sdray.batch.lease`), so a second run cannot join it;
-    `hold_lease=False` only for a caller that holds it already (a sweep).
+    output's lease throughout (see `sdray.batch.lease`) and every shard commit checks it, so a
+    second run cannot join it; `hold_lease=False` only for a caller that holds it already (a
+    sweep).
     """
     input_uri, output_uri = absolute_uri(input_uri), absolute_uri(output_uri)
     lease = (
@@ -465,7 +418,7 @@ def run_generate(
         if hold_lease
         else contextlib.nullcontext()
     )
-    with lease:
+    with lease as run:
         return _run_generate(
             input_uri,
             output_uri,
@@ -476,6 +429,7 @@ def run_generate(
             extra_owned=extra_owned,
             keep=keep,
             generate_stage=generate_stage,
+            run=run,
         )
 
 
@@ -490,10 +444,9 @@ def _run_generate(
     extra_owned: tuple[str, ...],
     keep: tuple[str, ...],
     generate_stage: type,
+    run: str | None,
 ) -> JobSummary:
-    from ray.data import ActorPoolStrategy
-
-    started = time.perf_counter()
+    started, marks = time.perf_counter(), {"launched": time.time()}
     storage = config.storage.storage_options
     fs, root = filesystem(output_uri, storage)
     previous = prepare_output(
@@ -504,23 +457,34 @@ def _run_generate(
         storage_options=storage,
     )
     for column in config.output.partition_by:
-        if column in ("id", "image_path", "sha256", "error"):
-            raise SdrayError(f"output.partition_by: cannot partition by {column!r}")
-    model = model_identity(
+        if column in SET_WHILE_RUNNING:
+            raise SdrayError(
+                f"output.partition_by: cannot partition by {column!r} (sdray sets it as it runs)"
+            )
+    # The model's family is recognised and its configs checked here, before Ray starts anything.
+    model, model_plan = model_identity(
         config.model.source,
         cache_dir=config.model.cache_dir,
         allow_pickle=config.model.allow_pickle,
         storage_options=storage,
     )
+    config = config.model_copy(
+        update={"generation": with_model_defaults(config.generation, model_plan)}
+    )
     parts = fingerprint_parts(config, model)
     if previous is not None:
         _check_resumable(previous, parts, output_uri)
 
+    # Planning reads only the input's listing and file footers, in the driver: a missing or
+    # unreadable input is refused before Ray starts.
+    plan = plan_job(input_uri, config, output_uri=output_uri, previous=previous)
+    ray_started = time.time()
     ensure_ray()
+    marks["ray_start"] = time.time() - ray_started
     _configure_progress(progress)
     say = _say if progress else (lambda message: None)
-    plan = plan_job(
-        input_uri, config, output_uri=output_uri, resuming=previous is not None, say=say
+    check_paths_on_every_node(
+        {"--input": input_uri, "model.source": config.model.source}, output=output_uri
     )
     if overwrite:
         clear_output(output_uri, extra_owned, storage, keep)  # only now that the job can run
@@ -529,14 +493,11 @@ def _run_generate(
             fs, root, len(config.output.partition_by), images=config.output.format
         )
         if removed:
-            say(f"removed {removed} uncommitted shard files left by the interrupted run")
-    plan_seconds = time.perf_counter() - started
-    done = f", {plan.total - plan.todo_rows} already committed" if previous else ""
-    say(
-        f"{plan.total} rows ({plan.invalid} invalid){done}; "
-        f"{plan.todo_rows} to write (invalid ones as error rows), with up to "
-        f"{config.batch.max_actors} model actors"
-    )
+            say(f"removed {removed} uncommitted shard files left by interrupted runs")
+    if previous is not None and plan.rows_per_unit != config.output.rows_per_shard:
+        say(f"shards of {plan.rows_per_unit} rows, as the run being resumed wrote them")
+    run = run or lease_run(fs, root)  # a caller's (a sweep's) lease, when it holds one
+    registry = start_registry(plan, output_uri, storage, say)
     manifest: dict[str, Any] = {
         "sdray_version": package_versions()["sdray"],
         "created": (previous or {}).get("created") or datetime.now(timezone.utc).isoformat(),
@@ -546,59 +507,34 @@ def _run_generate(
         "output": output_uri,
         "config": _redacted(config),
         "versions": package_versions(),
-        "model": model,
+        "model": {**model, "plan": model_plan.summary()},
         "fingerprint": fingerprint(parts),
         "fingerprint_parts": parts,
+        "rows_per_unit": plan.rows_per_unit,
     }
+    check_held(fs, root, run)
     write_bytes_atomic(fs, join(root, MANIFEST), json.dumps(manifest, indent=2).encode())
-
-    # Generate: spread the rows so every actor has work, then model actors, then CPU encoding.
-    batch = config.batch
-    rows_per_block = max(
-        1, min(batch.batch_size * 8, math.ceil(plan.todo_rows / (2 * batch.max_actors)))
+    marks["planned"] = time.time() - marks["launched"]
+    done = f", resuming {len(plan.committed_paths)} committed shards" if previous else ""
+    say(
+        f"generating {input_uri} ({len(plan.sources)} files{done}) in shards of "
+        f"{plan.rows_per_unit} rows, with up to {config.batch.max_actors} model actors"
     )
     sink = ImageDatasink(
         output_uri,
         output_format=config.output.format,
         image_format=config.output.image_format,
-        rows_per_shard=config.output.rows_per_shard,
         partition_by=config.output.partition_by,
-        run_id=uuid.uuid4().hex[:8],
+        run_id=(run or uuid.uuid4().hex)[:8],
+        lease_run=run,
         storage_options=storage,
     )
     generate_started = time.perf_counter()
+    stats = start_stats_actor()
     try:
-        if plan.todo_rows:
-            with warnings.catch_warnings():
-                # Ray Data 2.60 takes actor restart limits only through its deprecated
-                # **ray_remote_args (there is no named parameter yet); revisit on upgrade.
-                warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
-                pixels = plan.todo.repartition(
-                    target_num_rows_per_block=rows_per_block
-                ).map_batches(
-                    generate_stage,
-                    fn_constructor_kwargs={
-                        "model": config.model,
-                        "model_name": model["name"],
-                        "model_sha256": model["sha256"],
-                        "batch_size": batch.batch_size,
-                        "torch_threads": batch.torch_threads,
-                        "storage_options": storage,
-                        "max_error_fraction": batch.max_error_fraction,
-                    },
-                    batch_size=batch.batch_size,
-                    batch_format="pyarrow",
-                    compute=ActorPoolStrategy(min_size=batch.min_actors, max_size=batch.max_actors),
-                    **actor_resources(config),
-                )
-            (
-                pixels.map_batches(
-                    EncodeStage(config.output), batch_format="pyarrow", num_cpus=0.25
-                )
-                # Exact blocks of rows_per_shard rows (but the last): one block, one shard.
-                .repartition(target_num_rows_per_block=config.output.rows_per_shard, strict=True)
-                .write_datasink(sink, ray_remote_args={"num_cpus": 0.25})
-            )
+        _pipeline(
+            plan, config, model, generate_stage, registry, output_uri, stats, input_uri
+        ).write_datasink(sink, ray_remote_args={"num_cpus": 0.25})
     except Exception as error:
         failure = _unwrap(error)
         if isinstance(failure, ErrorBudgetExceeded):
@@ -607,43 +543,164 @@ def _run_generate(
                 "continue with --resume."
             ) from None
         raise failure from None
-    generate_seconds = time.perf_counter() - generate_started
-
-    generated = sum(s["ok"] for s in sink.shards)
-    counts = (
-        _status_counts(_read_metadata(output_uri, ["status"], storage))
-        if previous
-        else {"ok": generated, "error": sum(s["error"] for s in sink.shards)}
+    finally:
+        if registry is not None:
+            registry.close()
+        per_node = collect_stats(stats)
+    marks["generate"] = time.perf_counter() - generate_started
+    check_held(fs, root, run)  # a run that lost the output leaves its manifest alone too
+    return _finish(
+        manifest, sink.stats, config, previous, started=started, marks=marks, per_node=per_node
     )
+
+
+def _pipeline(
+    plan: JobPlan,
+    config: SdrayConfig,
+    model: dict[str, Any],
+    generate_stage: type,
+    registry,
+    output_uri: str,
+    stats,
+    input_uri: str,
+):
+    """The lazy Ray Data pipeline: read and prepare units (tasks) -> fetch init and mask images
+    (tasks) -> generate (model actors) -> encode (tasks); one unit per block and per task all
+    the way."""
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    batch = config.batch
+    storage = config.storage.storage_options
+    specs = [{"task": json.dumps(task)} for task in plan.tasks]
+    source = _one_unit_per_block(
+        lambda: ray.data.from_items(specs, override_num_blocks=max(1, min(len(specs), 200)))
+    )
+    prepare = PrepareUnits(
+        config.generation,
+        rows_per_unit=plan.rows_per_unit,
+        text_columns=plan.text_columns,
+        expected=plan.expected,
+        partition_by=config.output.partition_by,
+        order_by=[BATCH_KEY_COLUMN] if batch.sort_by_shape else [],
+        registry=registry,
+        storage_options=storage,
+        output_uri=output_uri,
+    )
+    units = source.map_batches(prepare, batch_size=1, batch_format="pyarrow", num_cpus=0.25)
+    # Init and mask images: fetched, decoded and sized by CPU tasks, so model actors receive
+    # ready pixels.
+    fetch = ImageInputStage(config.generation, input_base(input_uri, storage), storage)
+    units = units.map_batches(UnitStage(fetch), batch_size=1, batch_format="pyarrow", num_cpus=0.25)
+    with warnings.catch_warnings():
+        # Ray Data 2.60 takes actor restart limits only through its deprecated
+        # **ray_remote_args (there is no named parameter yet); revisit on upgrade.
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        pixels = units.map_batches(
+            UnitStage,
+            fn_constructor_kwargs={
+                "stage": generate_stage,
+                "rows_per_call": batch.batch_size,
+                "generates": True,
+                "stage_kwargs": {
+                    "model": config.model,
+                    "model_name": model["name"],
+                    "model_family": model["family"],
+                    "model_sha256": model["sha256"],
+                    "batch_size": batch.batch_size,
+                    "torch_threads": batch.torch_threads,
+                    "storage_options": storage,
+                    "max_error_fraction": batch.max_error_fraction,
+                    "preview_every": config.output.preview_every,
+                    "stats": stats,
+                },
+            },
+            batch_size=1,
+            batch_format="pyarrow",
+            compute=ActorPoolStrategy(
+                min_size=batch.min_actors,
+                max_size=batch.max_actors,
+                # overlap: a second unit's block I/O beside the engine's work on another; the
+                # engine itself still runs one batch at a time.
+                max_concurrent_calls_per_actor=2 if batch.overlap else 1,
+            ),
+            **actor_resources(config),
+        )
+    return pixels.map_batches(
+        UnitStage(EncodeStage(config.output)), batch_size=1, batch_format="pyarrow", num_cpus=0.25
+    )
+
+
+def _finish(
+    manifest: dict[str, Any],
+    stats: dict[str, Any],
+    config: SdrayConfig,
+    previous: dict[str, Any] | None,
+    *,
+    started: float,
+    marks: dict[str, float],
+    per_node: dict[str, Any] | None = None,
+) -> JobSummary:
+    """Count what the output holds, write the final manifest, report. `marks`: seconds from
+    the run's start (`launched`, wall clock) to its firsts, and the pipeline's seconds."""
+    storage = config.storage.storage_options
+    output_uri = manifest["output"]
+    fs, root = filesystem(output_uri, storage)
+    launched, generate_seconds = marks.pop("launched"), marks.pop("generate")
+    total = stats.get("input_rows", 0)
+    if total == 0:
+        raise InputError(f"input {manifest['input']!r} holds no rows")
+    generated = stats.get("ok", 0)
+    if previous is not None or stats.get("committed_elsewhere"):  # shards this run did not count
+        counts = _status_counts(_read_metadata(output_uri, ["status"], storage))
+    else:
+        counts = {"ok": generated, "error": stats.get("error", 0)}
     ok, errors = counts.get("ok", 0), counts.get("error", 0)
+    if stats.get("invalid"):
+        _say(
+            f"{stats['invalid']} invalid rows recorded with status=error, for example:\n  "
+            + "\n  ".join(stats.get("examples", []))
+        )
     wall = time.perf_counter() - started
     rate = generated / generate_seconds if generate_seconds and generated else 0.0
+    for name in ("read", "actor_ready", "generated", "committed"):
+        at = stats.get(f"{name}_at")
+        if at is not None:
+            marks[f"first_{name}"] = at - launched
     manifest.update(
-        status="complete" if ok + errors == plan.total else "incomplete",
+        status="complete" if ok + errors == total else "incomplete",
         finished=datetime.now(timezone.utc).isoformat(),
         counts={"rows": ok + errors, "ok": ok, "error": errors, "generated_this_run": generated},
-        shards=len(sink.shards),
-        partitioning=partitioning_record(config.output.partition_by, sink.shards, previous),
+        # Rows whose shard a write found already committed by another attempt, so wrote no
+        # more (a retried task whose first attempt committed, then died unheard).
+        committed_by_other_attempts=stats.get("committed_elsewhere", 0),
+        shards=stats.get("shards", 0),
+        partitioning=partitioning_record(config.output.partition_by, [stats], previous),
         timings={
-            "plan_s": round(plan_seconds, 3),
+            "plan_s": round(marks["planned"], 3),
             "generate_s": round(generate_seconds, 3),
             "wall_s": round(wall, 3),
         },
+        # Seconds from the start of the run to each first: Ray up, the job planned, a unit read
+        # and validated, a model actor ready, a unit generated, a shard committed.
+        startup={name: round(seconds, 3) for name, seconds in marks.items()},
         throughput={"images_per_s": round(rate, 4)},
+        # Who made what this run, and how fast: a slow or failing machine stands out.
+        **(per_node or {}),
     )
     write_bytes_atomic(fs, join(root, MANIFEST), json.dumps(manifest, indent=2).encode())
-    if ok + errors != plan.total:
+    if ok + errors != total:
         raise SdrayError(
-            f"the output holds {ok + errors} metadata rows for {plan.total} input rows; "
+            f"the output holds {ok + errors} metadata rows for {total} input rows; "
             "run again with --resume to complete it"
         )
     return JobSummary(
         output_uri=output_uri,
-        rows=plan.total,
+        rows=total,
         ok=ok,
         error=errors,
         wall_seconds=wall,
         images_per_second=rate,
         manifest=manifest,
-        shards=sink.shards,
+        shards=stats.get("shards", 0),
     )

@@ -1,4 +1,8 @@
-"""Read prompt tables (Parquet, CSV, JSONL; files or directories; any fsspec URI) into Ray Data."""
+"""Read prompt tables (Parquet, CSV, JSON lines; files or directories; any fsspec URI) in chunks.
+
+Parsing is pyarrow's: Parquet's reader, its streaming CSV reader, its JSON reader. Only JSON
+that pyarrow cannot read as sdray must (see `_jsonl_chunk`) goes through Python's `json`.
+"""
 
 from __future__ import annotations
 
@@ -28,10 +32,13 @@ FORMATS = {
     ".json": "jsonl",
 }
 READ_CHUNK_ROWS = 65_536
-# How much of a file the driver reads to learn its column types (Parquet: the footer; CSV: the
-# header, every column being text; JSON lines: this many lines).
+# How much of a file the driver reads to learn its column types (Parquet: the footer, which
+# also gives its row count; CSV: the header, every column being text; JSON lines: this many).
 PEEK_JSON_LINES = 1000
+PEEK_BYTES = 1 << 20
 PEEK_THREADS = 16
+# A double at or above this may have lost digits of the integer it was written as.
+EXACT_DOUBLE = 2**53
 
 
 def _format_of(path: str) -> str | None:
@@ -41,7 +48,7 @@ def _format_of(path: str) -> str | None:
 
 def list_prompt_files(
     uri: str, storage_options: dict[str, Any] | None = None
-) -> list[dict[str, str]]:
+) -> list[dict[str, Any]]:
     """The prompt files under `uri`, sorted, each with its path relative to `uri` (its source)."""
     fs, path = filesystem(uri, storage_options)
     if not fs.exists(path):
@@ -50,14 +57,21 @@ def list_prompt_files(
     prefix = "" if protocol in ("file", "local") else f"{protocol}://"
     if fs.isdir(path):
         base = path.rstrip("/") + "/"
+        listing = fs.find(path, detail=True)
         found = [
             p
-            for p in sorted(fs.find(path))
+            for p in sorted(listing)
             if _format_of(p)
             and not any(part.startswith((".", "_")) for part in p[len(base) :].split("/"))
         ]
         files = [
-            {"uri": prefix + p, "source": p[len(base) :], "format": _format_of(p)} for p in found
+            {
+                "uri": prefix + p,
+                "source": p[len(base) :],
+                "format": _format_of(p),
+                "size": listing[p].get("size") or 0,
+            }
+            for p in found
         ]
         if not files:
             raise InputError(f"input directory {uri!r} holds no .parquet, .csv or .jsonl files")
@@ -67,7 +81,12 @@ def list_prompt_files(
         raise InputError(
             f"input {uri!r}: unknown table format; use .parquet, .csv or .jsonl (or .json lines)"
         )
-    return [{"uri": prefix + path, "source": path.rsplit("/", 1)[-1], "format": fmt}]
+    source = path.rsplit("/", 1)[-1]
+    return [{"uri": prefix + path, "source": source, "format": fmt, "size": fs.size(path) or 0}]
+
+
+# ---------------------------------------------------------------------------------------------
+# Text as sdray reads it.
 
 
 def _as_text(value: Any, *, as_id: bool = False) -> str | None:
@@ -89,71 +108,15 @@ def _as_text(value: Any, *, as_id: bool = False) -> str | None:
     return str(value)
 
 
-def _text_array(column: pa.ChunkedArray, *, as_id: bool = False) -> pa.ChunkedArray | pa.Array:
+def _text_array(column: pa.ChunkedArray | pa.Array, *, as_id: bool = False) -> pa.Array:
     """A column as a string array (see `_as_text`)."""
     if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
         return column.cast(pa.string())
     return pa.array([_as_text(v, as_id=as_id) for v in column.to_pylist()], pa.string())
 
 
-def _jsonl_table(handle, uri: str, max_lines: int | None = None) -> pa.Table:
-    """JSON lines into a table; a column whose values disagree in type becomes strings.
-
-    So one bad value (say width "abc" among numbers) is a row error later, not a failed read.
-    `id` is always text: "id": 7 is the id "7". `max_lines` reads only the first lines (to peek
-    at the types).
-    """
-    rows = []
-    for number, line in enumerate(handle, start=1):
-        if max_lines is not None and number > max_lines:
-            break
-        line = line.strip()
-        if not line:
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError as error:  # JSONDecodeError, or an integer of over 4300 digits
-            raise InputError(f"{uri}: line {number} is not valid JSON ({error})") from None
-        if not isinstance(row, dict):
-            raise InputError(f"{uri}: line {number} is not a JSON object")
-        rows.append(_unicode_row(row))
-    names = list(dict.fromkeys(name for row in rows for name in row))
-    columns = {}
-    for name in names:
-        values = [row.get(name) for row in rows]
-        if name == "id":
-            columns[name] = pa.array([_as_text(v, as_id=True) for v in values], pa.string())
-            continue
-        try:
-            columns[name] = pa.array(values)
-        except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
-            columns[name] = pa.array([_as_text(v) for v in values], pa.string())
-    return pa.table(columns) if columns else pa.table({"prompt": pa.array([], pa.string())})
-
-
-def _unicode_row(row: dict[str, Any]) -> dict[str, Any]:
-    """A JSON row whose text Arrow can store.
-
-    JSON can carry text that is not valid Unicode (lone surrogates such as "\\ud800"). Such text
-    is kept backslash-escaped and the row is marked, so it becomes an error row naming the field
-    instead of failing the whole read.
-    """
-
-    def escaped(text: str) -> str:
-        return text.encode("utf-8", "backslashreplace").decode()
-
-    bad = [
-        k
-        for k, v in row.items()
-        if not is_unicode_text(k) or (isinstance(v, str) and not is_unicode_text(v))
-    ]
-    if not bad:
-        return row
-    fixed = {escaped(k): escaped(v) if isinstance(v, str) else v for k, v in row.items()}
-    fixed[READ_ERROR_COLUMN] = "; ".join(
-        f"{escaped(k)}={row[k]!r}: is not valid Unicode text" for k in bad
-    )
-    return fixed
+# ---------------------------------------------------------------------------------------------
+# CSV: pyarrow's streaming reader, every column text.
 
 
 def _csv_options(names: Iterable[str] = ()):
@@ -181,49 +144,239 @@ def _csv_names(source) -> list[str]:
     return csv.open_csv(source, convert_options=_csv_options()).schema.names
 
 
-def _csv_table(handle, uri: str) -> pa.Table:
+def _csv_chunks(handle, uri: str) -> Iterator[pa.Table]:
+    """A CSV file in record batches, streamed (never the whole file in memory)."""
     from pyarrow import csv
 
-    data = handle.read()
-    options = _csv_options(_csv_names(pa.BufferReader(data)))
-    return csv.read_csv(pa.BufferReader(data), convert_options=options)
+    if not handle.read(1 << 16).strip():
+        return  # an empty file
+    try:
+        handle.seek(0)
+        names = _csv_names(handle)  # the header, from the first block
+        handle.seek(0)
+        for batch in csv.open_csv(handle, convert_options=_csv_options(names)):
+            yield pa.Table.from_batches([batch])
+    except pa.ArrowInvalid as error:
+        raise InputError(f"{uri} cannot be read as csv: {error}") from None
+
+
+def _csv_table(handle, uri: str) -> pa.Table:
+    """A whole CSV file as one table."""
+    chunks = list(_csv_chunks(handle, uri))
+    return pa.concat_tables(chunks) if chunks else pa.table({"prompt": pa.array([], pa.string())})
+
+
+# ---------------------------------------------------------------------------------------------
+# JSON lines: pyarrow's reader, chunk by chunk; Python's `json` for what it cannot read as sdray
+# must.
+
+
+def _jsonl_chunks(handle, uri: str, chunk_rows: int) -> Iterator[pa.Table]:
+    """JSON lines in chunks of `chunk_rows` rows (blank lines skipped), streamed."""
+    lines: list[tuple[int, bytes]] = []
+    for number, line in enumerate(handle, start=1):
+        if isinstance(line, str):
+            line = line.encode("utf-8", "surrogatepass")
+        if not line.strip():
+            continue
+        lines.append((number, line))
+        if len(lines) == chunk_rows:
+            yield _jsonl_chunk(lines, uri)
+            lines = []
+    if lines:
+        yield _jsonl_chunk(lines, uri)
+
+
+def _jsonl_chunk(lines: list[tuple[int, bytes]], uri: str) -> pa.Table:
+    """Numbered JSON lines as a table: pyarrow's reader, else `_python_jsonl`.
+
+    pyarrow refuses a chunk in which a column's values disagree in type (id 7 beside "007",
+    width "wide" among numbers) and text that is not Unicode (lone surrogates), and reads an
+    integer beyond int64 as an inexact double. Python's `json` reads all of them exactly, so
+    one odd value becomes a row error (or text) later, never a failed read.
+    """
+    from pyarrow import json as pa_json
+
+    data = b"\n".join(line.rstrip() for _, line in lines)
+    try:
+        table = pa_json.read_json(io.BytesIO(data))
+        if _has_timestamps(table.schema):  # pyarrow reads "2024-01-01" as a time: keep the text
+            options = pa_json.ParseOptions(
+                explicit_schema=pa.schema([_timestamps_as_text(f) for f in table.schema]),
+                unexpected_field_behavior="infer",
+            )
+            table = pa_json.read_json(io.BytesIO(data), parse_options=options)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        return _python_jsonl(lines, uri)
+    if table.num_rows != len(lines) or any(_inexact(c) for c in table.columns):
+        return _python_jsonl(lines, uri)
+    if "id" in table.column_names and not pa.types.is_string(table.schema.field("id").type):
+        table = table.set_column(
+            table.column_names.index("id"), "id", _text_array(table.column("id"), as_id=True)
+        )
+    return table
+
+
+def _has_timestamps(schema: pa.Schema) -> bool:
+    return any(_timestamps_as_text(field) != field for field in schema)
+
+
+def _timestamps_as_text(field: pa.Field) -> pa.Field:
+    """The field with every timestamp in it (nested too) made a string."""
+    kind = field.type
+    if pa.types.is_timestamp(kind):
+        return field.with_type(pa.string())
+    if pa.types.is_struct(kind):
+        return field.with_type(
+            pa.struct([_timestamps_as_text(kind.field(i)) for i in range(kind.num_fields)])
+        )
+    if pa.types.is_list(kind) or pa.types.is_large_list(kind):
+        item = _timestamps_as_text(kind.value_field)
+        return field.with_type(pa.list_(item) if pa.types.is_list(kind) else pa.large_list(item))
+    return field
+
+
+def _inexact(column: pa.ChunkedArray) -> bool:
+    """Whether a column holds doubles that may have been integers too big for an exact double."""
+    import pyarrow.compute as pc
+
+    if not pa.types.is_floating(column.type) or column.null_count == len(column):
+        return False
+    biggest = pc.max(pc.abs(column)).as_py()
+    return biggest is not None and biggest >= EXACT_DOUBLE
+
+
+def _python_jsonl(lines: list[tuple[int, bytes]], uri: str) -> pa.Table:
+    """JSON lines read by Python's `json`: a column whose values disagree in type becomes text,
+    `id` is always text ("id": 7 is the id "7"), and text that is not valid Unicode marks its
+    row (see `_unicode_row`)."""
+    rows = []
+    for number, line in lines:
+        try:
+            row = json.loads(line)
+        except ValueError as error:  # JSONDecodeError, or an integer of over 4300 digits
+            raise InputError(f"{uri}: line {number} is not valid JSON ({error})") from None
+        if not isinstance(row, dict):
+            raise InputError(f"{uri}: line {number} is not a JSON object")
+        rows.append(_unicode_row(row))
+    names = list(dict.fromkeys(name for row in rows for name in row))
+    columns = {}
+    for name in names:
+        values = [row.get(name) for row in rows]
+        if name == "id":
+            columns[name] = pa.array([_as_text(v, as_id=True) for v in values], pa.string())
+            continue
+        try:
+            columns[name] = pa.array(values)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
+            columns[name] = pa.array([_as_text(v) for v in values], pa.string())
+    return pa.table(columns) if columns else pa.table({"prompt": pa.array([], pa.string())})
+
+
+def _jsonl_table(handle, uri: str, max_lines: int | None = None) -> pa.Table:
+    """JSON lines (a text or binary file) as one table; `max_lines`: only the first lines."""
+    lines = []
+    for number, line in enumerate(handle, start=1):
+        if max_lines is not None and number > max_lines:
+            break
+        if isinstance(line, str):
+            line = line.encode("utf-8", "surrogatepass")
+        if line.strip():
+            lines.append((number, line))
+    if not lines:
+        return pa.table({"prompt": pa.array([], pa.string())})
+    return _jsonl_chunk(lines, uri)
+
+
+def _unicode_row(row: dict[str, Any]) -> dict[str, Any]:
+    """A JSON row whose text Arrow can store.
+
+    JSON can carry text that is not valid Unicode (lone surrogates such as "\\ud800"). Such text
+    is kept backslash-escaped and the row is marked, so it becomes an error row naming the field
+    instead of failing the whole read.
+    """
+
+    def escaped(text: str) -> str:
+        return text.encode("utf-8", "backslashreplace").decode()
+
+    bad = [
+        k
+        for k, v in row.items()
+        if not is_unicode_text(k) or (isinstance(v, str) and not is_unicode_text(v))
+    ]
+    if not bad:
+        return row
+    fixed = {escaped(k): escaped(v) if isinstance(v, str) else v for k, v in row.items()}
+    fixed[READ_ERROR_COLUMN] = "; ".join(
+        f"{escaped(k)}={row[k]!r}: is not valid Unicode text" for k in bad
+    )
+    return fixed
+
+
+# ---------------------------------------------------------------------------------------------
+# Parquet: only the row groups a read needs.
+
+
+def _parquet_chunks(handle, start: int, chunk_rows: int) -> tuple[int, Iterator[pa.Table]]:
+    """(first row, chunks) of a Parquet file from the row group that holds row `start` on."""
+    import pyarrow.parquet as pq
+
+    reader = pq.ParquetFile(handle)
+    first, row_groups = 0, []
+    for index in range(reader.num_row_groups):
+        rows = reader.metadata.row_group(index).num_rows
+        if first + rows <= start and not row_groups:
+            first += rows
+            continue
+        row_groups.append(index)
+    batches = reader.iter_batches(batch_size=chunk_rows, row_groups=row_groups)
+    return first, (pa.Table.from_batches([b]) for b in batches)
 
 
 def read_prompt_file(
-    file: dict[str, str], storage_options: dict[str, Any] | None = None
+    file: dict[str, Any],
+    storage_options: dict[str, Any] | None = None,
+    start: int = 0,
+    stop: int | None = None,
+    chunk_rows: int = READ_CHUNK_ROWS,
 ) -> Iterator[pa.Table]:
-    """Read one prompt file in chunks, adding its source and each row's position in it."""
+    """Rows [start, stop) of one prompt file, in chunks, with its source and each row's position
+    in it (Parquet seeks to them; text formats are read from the top)."""
     fs, path = filesystem(file["uri"], storage_options)
-    offset = 0
-
-    def tag(table: pa.Table) -> pa.Table:
-        nonlocal offset
-        rows = table.num_rows
-        table = table.append_column(SOURCE_COLUMN, pa.array([file["source"]] * rows, pa.string()))
-        table = table.append_column(ROW_COLUMN, pa.array(range(offset, offset + rows), pa.int64()))
-        offset += rows
-        return table
-
     with fs.open(path, "rb") as handle:
         if file["format"] == "parquet":
-            import pyarrow.parquet as pq
-
-            for batch in pq.ParquetFile(handle).iter_batches(batch_size=READ_CHUNK_ROWS):
-                yield tag(pa.Table.from_batches([batch]))
-            return
-        if file["format"] == "csv":
-            table = _csv_table(handle, file["uri"])
+            offset, chunks = _parquet_chunks(handle, start, chunk_rows)
+        elif file["format"] == "csv":
+            offset, chunks = 0, _csv_chunks(handle, file["uri"])
         else:
-            table = _jsonl_table(io.TextIOWrapper(handle, encoding="utf-8"), file["uri"])
-    for start in range(0, max(table.num_rows, 1), READ_CHUNK_ROWS):
-        yield tag(table.slice(start, READ_CHUNK_ROWS))
+            offset, chunks = 0, _jsonl_chunks(handle, file["uri"], chunk_rows)
+        for chunk in chunks:
+            lo, offset = offset, offset + chunk.num_rows
+            if offset <= start:
+                continue
+            first = max(lo, start)
+            end = offset if stop is None else min(offset, stop)
+            yield _tag(chunk.slice(first - lo, end - first), file["source"], first)
+            if stop is not None and offset >= stop:
+                return
 
 
-def peek_schema(file: dict[str, str], storage_options: dict[str, Any] | None = None) -> pa.Schema:
+def _tag(table: pa.Table, source: str, first: int) -> pa.Table:
+    rows = table.num_rows
+    table = table.append_column(SOURCE_COLUMN, pa.array([source] * rows, pa.string()))
+    return table.append_column(ROW_COLUMN, pa.array(range(first, first + rows), pa.int64()))
+
+
+# ---------------------------------------------------------------------------------------------
+# Types that agree across files and chunks.
+
+
+def peek_schema(file: dict[str, Any], storage_options: dict[str, Any] | None = None) -> pa.Schema:
     """A prompt file's columns and their types, read cheaply and inferred as the real read does.
 
-    Parquet: the footer. CSV: the first block, with the real read's conversion options. JSON
-    lines: the first `PEEK_JSON_LINES` lines.
+    Parquet: the footer, whose row count lands in `file["rows"]`. CSV: the header, every column
+    text. JSON lines: the first `PEEK_JSON_LINES` lines. For text files `file["rows_estimate"]`
+    gets a guess at their rows from the lines in their first megabyte (for sizing shards).
     """
     fs, path = filesystem(file["uri"], storage_options)
     try:
@@ -231,17 +384,26 @@ def peek_schema(file: dict[str, str], storage_options: dict[str, Any] | None = N
             if file["format"] == "parquet":
                 import pyarrow.parquet as pq
 
-                return pq.read_schema(handle)
+                metadata = pq.read_metadata(handle)
+                file["rows"] = metadata.num_rows
+                return metadata.schema.to_arrow_schema()
+            head = handle.read(PEEK_BYTES)
+            lines = head.count(b"\n") + (0 if not head or head.endswith(b"\n") else 1)
+            whole = len(head) < PEEK_BYTES
+            per_line = len(head) / max(1, lines)
+            file["rows_estimate"] = lines if whole else int(file.get("size", 0) / per_line)
             if file["format"] == "csv":
-                return pa.schema([(name, pa.string()) for name in _csv_names(handle)])
-            text = io.TextIOWrapper(handle, encoding="utf-8")
-            return _jsonl_table(text, file["uri"], max_lines=PEEK_JSON_LINES).schema
+                file["rows_estimate"] -= 1  # the header
+                names = _csv_names(pa.BufferReader(head)) if head.strip() else []
+                return pa.schema([(name, pa.string()) for name in names])
+            handle.seek(0)
+            return _jsonl_table(handle, file["uri"], max_lines=PEEK_JSON_LINES).schema
     except (pa.ArrowInvalid, UnicodeDecodeError) as error:
         raise InputError(f"{file['uri']} cannot be read as {file['format']}: {error}") from None
 
 
 def peek_schemas(
-    files: list[dict[str, str]], storage_options: dict[str, Any] | None = None
+    files: list[dict[str, Any]], storage_options: dict[str, Any] | None = None
 ) -> list[pa.Schema]:
     """Every file's `peek_schema`, several at a time (object stores answer slowly, not busily)."""
     if not files:
@@ -249,7 +411,7 @@ def peek_schemas(
     fs, _ = filesystem(files[0]["uri"], storage_options)
     remote = not is_local(fs)
 
-    def peek(file: dict[str, str]) -> pa.Schema:
+    def peek(file: dict[str, Any]) -> pa.Schema:
         def attempt() -> pa.Schema:
             return peek_schema(file, storage_options)
 
@@ -262,7 +424,7 @@ def peek_schemas(
 
 
 def _compatible(*types: pa.DataType) -> pa.DataType | None:
-    """The type Arrow promotes these to when it combines blocks (as Ray Data does), or None.
+    """The type Arrow promotes these to when it combines tables, or None.
 
     int64 and double agree (double), anything agrees with null; int64 and string do not.
     """
@@ -279,13 +441,11 @@ def _compatible(*types: pa.DataType) -> pa.DataType | None:
 
 
 def column_plan(schemas: Iterable[pa.Schema]) -> tuple[list[str], pa.Schema]:
-    """How read tasks make one table of many files: (columns to read as text, expected types).
+    """How many files make one table: (columns to read as text, types two or more files agree on).
 
     A column whose types disagree across files (`tag` int64 in one, string in another) becomes
-    text in every file; Ray Data could not combine the blocks otherwise. The expected schema
-    holds the agreed type of each column that two or more files give a type (not null): a read
-    task checks its chunks against it, since a CSV's or JSON file's later rows can change a
-    column's type after the part the driver peeked at.
+    text in every file. The second part holds the agreed type of each column that two or more
+    files give a type (not null).
     """
     types: dict[str, list[pa.DataType]] = {}
     for schema in schemas:
@@ -308,12 +468,14 @@ def conform_chunk(
     expected: pa.Schema | None = None,
     source: str = "",
 ) -> pa.Table:
-    """Make a chunk's column types agree with the other files' (see `column_plan`).
+    """Make a chunk's column types those of the whole table (see `check_prompt_files`), so every
+    shard of the output holds each column in one type.
 
-    Columns in `text_columns` become text. A column whose type changed past the peeked rows is
-    made text when the others agreed on text; a row-contract column (width "wide" among
-    numbers) keeps the agreed type and the bad values become row errors; any other column
-    cannot be combined, and the read stops with a message naming it.
+    Columns in `text_columns` become text. A column whose values widen to the expected type is
+    cast to it. One whose type changed past the peeked rows is made text when the table's type
+    is text; a row-contract column (width "wide" among numbers) keeps its type and the bad
+    values become row errors; any other column cannot be combined, and the read stops with a
+    message naming it.
     """
     text_columns = set(text_columns)
     read_errors: list[str | None] | None = None
@@ -326,9 +488,11 @@ def conform_chunk(
         if expected is None or expected.get_field_index(name) < 0:
             continue
         want = expected.field(name).type
-        if pa.types.is_null(column.type) or _compatible(column.type, want) is not None:
+        if column.type == want:
             continue
-        if pa.types.is_string(want) or pa.types.is_large_string(want):
+        if pa.types.is_null(column.type) or _compatible(column.type, want) == want:
+            table = table.set_column(index, name, column.cast(want))
+        elif pa.types.is_string(want) or pa.types.is_large_string(want):
             table = table.set_column(index, name, _text_array(column, as_id=name == "id"))
         elif name in REQUEST_COLUMNS:
             converted, errors = _convert_values(column.to_pylist(), want, name)
@@ -341,7 +505,7 @@ def conform_chunk(
         else:
             raise InputError(
                 f"{source}: column {name!r} holds {column.type} values past its first rows, "
-                f"while the other input files give it {want}; make its values one type in "
+                f"while the input's first rows give it {want}; make its values one type in "
                 "every file (or quote them all, in CSV)"
             )
     if read_errors is None:
@@ -381,51 +545,30 @@ def _convert_values(
 
 
 def check_prompt_files(
-    files: list[dict[str, str]], storage_options: dict[str, Any] | None = None
-) -> tuple[list[str], pa.Schema | None]:
+    files: list[dict[str, Any]], storage_options: dict[str, Any] | None = None
+) -> tuple[list[str], pa.Schema]:
     """Refuse, before any task runs, tables without `prompt` or with sdray's own columns.
 
-    Peeks at every file and returns the `column_plan` its read tasks follow (the expected
-    schema only when there are several files: one file's chunks always agree).
+    Peeks at every file and returns how its chunks are conformed: (columns read as text, the
+    type of every other typed column), from `column_plan` and each file's own types.
     """
+    text_columns, expected, _ = inspect_prompt_files(files, storage_options)
+    return text_columns, expected
+
+
+def inspect_prompt_files(
+    files: list[dict[str, Any]], storage_options: dict[str, Any] | None = None
+) -> tuple[list[str], pa.Schema, list[str]]:
+    """`check_prompt_files`, plus the names of every column of the input."""
     from sdray.requests import check_columns
 
     schemas = peek_schemas(files, storage_options)
-    check_columns(list(dict.fromkeys(name for schema in schemas for name in schema.names)))
-    text_columns, expected = column_plan(schemas)
-    return text_columns, expected if len(files) > 1 else None
-
-
-def _read_files_udf(
-    batch: dict[str, Any],
-    storage_options: dict[str, Any] | None,
-    text_columns: list[str] | None = None,
-    expected: pa.Schema | None = None,
-):
-    for uri, source, fmt in zip(batch["uri"], batch["source"], batch["format"], strict=True):
-        file = {"uri": uri, "source": source, "format": fmt}
-        for chunk in read_prompt_file(file, storage_options):
-            yield conform_chunk(chunk, text_columns or (), expected, str(source))
-
-
-def read_prompts(uri: str, storage_options: dict[str, Any] | None = None):
-    """A lazy Ray Dataset of every prompt row under `uri`, one read task per file.
-
-    Column types are made to agree across files first (see `column_plan`), so files that
-    disagree (`tag` int64 in a.parquet, text in b.csv) still make one dataset.
-    """
-    import ray
-
-    files = list_prompt_files(uri, storage_options)
-    text_columns, expected = check_prompt_files(files, storage_options)
-    return ray.data.from_items(files).map_batches(
-        _read_files_udf,
-        batch_size=1,
-        batch_format="numpy",
-        fn_kwargs={
-            "storage_options": storage_options,
-            "text_columns": text_columns,
-            "expected": expected,
-        },
-        num_cpus=0.25,
-    )
+    names = list(dict.fromkeys(name for schema in schemas for name in schema.names))
+    check_columns(names)
+    text_columns, agreed = column_plan(schemas)
+    expected = {field.name: field for field in agreed}
+    for schema in schemas:  # a column only one file types keeps that file's type
+        for field in schema:
+            if field.name not in text_columns and not pa.types.is_null(field.type):
+                expected.setdefault(field.name, pa.field(field.name, field.type))
+    return text_columns, pa.schema(list(expected.values())), names

@@ -1,7 +1,14 @@
-"""Writing results: one Ray Datasink, with interchangeable image writers behind one interface.
+"""Writing units: images through interchangeable writers, then each shard's metadata, committed
+once and only once.
 
-A shard is `rows_per_shard` rows. Its images are written first, its metadata Parquet file last
-and atomically: a shard is committed exactly when its metadata file exists.
+A shard is a unit's rows of one partition value (see `sdray.batch.units`), named after the unit.
+Its images are written first, under a name that adds the run's id: a container in one streaming
+upload (webdataset, parquet), or files written concurrently. Its metadata Parquet file comes last,
+written only if absent: that write is the commit. A shard is committed exactly when its metadata
+exists, and of two attempts at one shard (a task retried after its node was lost, though it had
+committed; a run that lost the output to another) exactly one commits; the other removes its
+images. Before each commit the writer checks that its run still holds the output's lease, so a
+run that lost it commits nothing more.
 """
 
 from __future__ import annotations
@@ -9,9 +16,11 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import tarfile
-import urllib.parse
+import time
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,24 +29,47 @@ import pyarrow.parquet as pq
 from ray.data import Datasink
 from ray.data.block import Block, BlockAccessor
 
-from sdray.batch.stages import IMAGE_COLUMN
+from sdray.batch.lease import check_held
+from sdray.batch.stages import IMAGE_COLUMN, STRIP_COLUMN
+from sdray.batch.units import partition_dirs, unpack
 from sdray.errors import SdrayError
 from sdray.images import EXTENSIONS
 from sdray.requests import PREPARED_SCHEMA
-from sdray.storage import filesystem, join, read_json, write_bytes_atomic
+from sdray.storage import create_new, filesystem, join, read_json, upload, write_bytes_atomic
 
 METADATA_DIR = "metadata"
 MANIFEST = "manifest.json"
 IMAGES_DIR = "images"
-HIVE_NULL = "__HIVE_DEFAULT_PARTITION__"
-LEADING_COLUMNS = [f.name for f in PREPARED_SCHEMA if f.name not in ("status", "error")] + [
+LEADING_COLUMNS = [
+    *(f.name for f in PREPARED_SCHEMA if f.name not in ("mode", "status", "error")),
+    "init_sha256",
+    "mask_sha256",
     "model",
+    "model_family",
+    "mode",
     "status",
     "error",
     "truncated",
     "image_path",
     "sha256",
+    "preview_path",
 ]
+WRITE_THREADS = 16  # image files one write task stores at once (`files`)
+EXAMPLES = 5
+# Fault injection for tests: when set to a path, the first write task to commit a shard creates
+# that file and exits at once, before Ray hears that it succeeded (as if its node died then).
+EXIT_AFTER_COMMIT_ENV = "SDRAY_TEST_EXIT_AFTER_COMMIT"
+
+
+def _maybe_exit_after_commit() -> None:
+    marker = os.environ.get(EXIT_AFTER_COMMIT_ENV)
+    if not marker:
+        return
+    try:
+        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return
+    os._exit(1)
 
 
 def sample_key(row_id: str) -> str:
@@ -52,85 +84,142 @@ class ShardImages:
     keys: list[str]
     images: list[bytes | None]
     rows: list[dict[str, Any]] = field(default_factory=list)
+    strips: list[bytes | None] | None = None  # filmstrips of previews (output.preview_every)
+
+    def strip(self, index: int) -> bytes | None:
+        return None if self.strips is None else self.strips[index]
+
+
+STRIP_SUFFIX = ".strip.png"
+# What a writer returns: each row's image path and filmstrip path (None where there is none).
+WrittenPaths = tuple[list[str | None], list[str | None]]
 
 
 class FilesWriter:
-    """`files`: one object per image, `images/<partition>/<shard>/<key>.<ext>`."""
+    """`files`: one object per image, `images/<partition>/<shard>/<key>.<ext>`, written by a
+    pool of threads (object stores answer slowly, not busily)."""
 
     def __init__(self, extension: str) -> None:
         self.extension = extension
 
-    def write(
-        self, fs, root: str, directory: str, shard: str, batch: ShardImages
-    ) -> list[str | None]:
-        paths: list[str | None] = []
-        for key, data in zip(batch.keys, batch.images, strict=True):
-            if data is None:
-                paths.append(None)
-                continue
-            relative = f"{directory}{shard}/{key}.{self.extension}"
-            write_bytes_atomic(fs, join(root, relative), data)
-            paths.append(relative)
-        return paths
+    def location(self, directory: str, shard: str) -> str:
+        return f"{directory}{shard}"
+
+    def write(self, fs, root: str, directory: str, shard: str, batch: ShardImages) -> WrittenPaths:
+        paths = [
+            None if data is None else f"{directory}{shard}/{key}.{self.extension}"
+            for key, data in zip(batch.keys, batch.images, strict=True)
+        ]
+        strips = [
+            None
+            if path is None or batch.strip(index) is None
+            else f"{directory}{shard}/{batch.keys[index]}{STRIP_SUFFIX}"
+            for index, path in enumerate(paths)
+        ]
+        todo = [(p, d) for p, d in zip(paths, batch.images, strict=True) if p is not None]
+        todo += [(p, batch.strip(i)) for i, p in enumerate(strips) if p is not None]
+        if todo:
+            with ThreadPoolExecutor(max_workers=min(WRITE_THREADS, len(todo))) as pool:
+                list(
+                    pool.map(
+                        lambda item: write_bytes_atomic(fs, join(root, item[0]), item[1]), todo
+                    )
+                )
+        return paths, strips
 
 
 class WebDatasetWriter:
-    """`webdataset`: one tar per shard; each sample is `<key>.<ext>` with `<key>.json` beside it."""
+    """`webdataset`: one tar per shard, streamed; each sample is `<key>.<ext>` with `<key>.json`."""
 
     def __init__(self, extension: str) -> None:
         self.extension = extension
 
-    def write(
-        self, fs, root: str, directory: str, shard: str, batch: ShardImages
-    ) -> list[str | None]:
-        relative = f"{directory}{shard}.tar"
-        buffer = io.BytesIO()
-        paths: list[str | None] = []
-        with tarfile.open(fileobj=buffer, mode="w") as tar:
-            for key, data, row in zip(batch.keys, batch.images, batch.rows, strict=True):
-                if data is None:
-                    paths.append(None)
-                    continue
-                member = f"{key}.{self.extension}"
-                sidecar = json.dumps(row, default=str).encode()
-                for name, payload in ((member, data), (f"{key}.json", sidecar)):
-                    info = tarfile.TarInfo(name)
-                    info.size = len(payload)
-                    tar.addfile(info, io.BytesIO(payload))
-                paths.append(f"{relative}#{member}")
-        if any(p is not None for p in paths):
-            write_bytes_atomic(fs, join(root, relative), buffer.getvalue())
-        return paths
+    def location(self, directory: str, shard: str) -> str:
+        return f"{directory}{shard}.tar"
+
+    def write(self, fs, root: str, directory: str, shard: str, batch: ShardImages) -> WrittenPaths:
+        relative = self.location(directory, shard)
+        present = [
+            (k, d, r, batch.strip(i))
+            for i, (k, d, r) in enumerate(zip(batch.keys, batch.images, batch.rows, strict=True))
+            if d
+        ]
+        if present:
+            with (
+                upload(fs, join(root, relative)) as handle,
+                tarfile.open(fileobj=handle, mode="w|") as tar,
+            ):
+                for key, data, row, strip in present:
+                    members = [
+                        (f"{key}.{self.extension}", data),
+                        (f"{key}.json", json.dumps(row, default=str).encode()),
+                    ]
+                    if strip is not None:
+                        members.append((key + STRIP_SUFFIX, strip))
+                    for name, payload in members:
+                        info = tarfile.TarInfo(name)
+                        info.size = len(payload)
+                        tar.addfile(info, io.BytesIO(payload))
+        paths = [
+            f"{relative}#{key}.{self.extension}" if data is not None else None
+            for key, data in zip(batch.keys, batch.images, strict=True)
+        ]
+        strips = [
+            f"{relative}#{key}{STRIP_SUFFIX}"
+            if data is not None and batch.strip(i) is not None
+            else None
+            for i, (key, data) in enumerate(zip(batch.keys, batch.images, strict=True))
+        ]
+        return paths, strips
 
 
 class ParquetImageWriter:
-    """`parquet`: one Parquet file per shard with the encoded image bytes in column `image`."""
+    """`parquet`: one Parquet file per shard with the encoded image bytes in column `image`,
+    streamed a row group at a time."""
+
+    ROWS_PER_GROUP = 64
 
     def __init__(self, extension: str) -> None:
         self.extension = extension
 
-    def write(
-        self, fs, root: str, directory: str, shard: str, batch: ShardImages
-    ) -> list[str | None]:
-        relative = f"{directory}{shard}.parquet"
+    def location(self, directory: str, shard: str) -> str:
+        return f"{directory}{shard}.parquet"
+
+    def write(self, fs, root: str, directory: str, shard: str, batch: ShardImages) -> WrittenPaths:
+        relative = self.location(directory, shard)
         present = [
-            (k, d, r)
-            for k, d, r in zip(batch.keys, batch.images, batch.rows, strict=True)
-            if d is not None
+            (k, d, r, batch.strip(i))
+            for i, (k, d, r) in enumerate(zip(batch.keys, batch.images, batch.rows, strict=True))
+            if d
         ]
+        fields = [("id", pa.string()), ("key", pa.string()), ("image", pa.binary())]
+        if batch.strips is not None:
+            fields.append(("strip", pa.binary()))
+        schema = pa.schema(fields)
         if present:
-            table = pa.table(
-                {
-                    "id": pa.array([r["id"] for _, _, r in present], pa.string()),
-                    "key": pa.array([k for k, _, _ in present], pa.string()),
-                    "image": pa.array([d for _, d, _ in present], pa.binary()),
-                }
-            )
-            write_bytes_atomic(fs, join(root, relative), _parquet_bytes(table))
-        return [
+            with (
+                upload(fs, join(root, relative)) as handle,
+                pq.ParquetWriter(handle, schema, compression="zstd") as writer,
+            ):
+                for start in range(0, len(present), self.ROWS_PER_GROUP):
+                    part = present[start : start + self.ROWS_PER_GROUP]
+                    columns = {
+                        "id": [r["id"] for _, _, r, _ in part],
+                        "key": [k for k, _, _, _ in part],
+                        "image": [d for _, d, _, _ in part],
+                    }
+                    if batch.strips is not None:
+                        columns["strip"] = [s for _, _, _, s in part]
+                    writer.write_table(pa.table(columns, schema=schema))
+        paths = [
             f"{relative}#{key}" if data is not None else None
             for key, data in zip(batch.keys, batch.images, strict=True)
         ]
+        strips = [
+            f"{relative}#{key}#strip" if data is not None and batch.strip(i) is not None else None
+            for i, (key, data) in enumerate(zip(batch.keys, batch.images, strict=True))
+        ]
+        return paths, strips
 
 
 WRITERS = {"files": FilesWriter, "webdataset": WebDatasetWriter, "parquet": ParquetImageWriter}
@@ -140,14 +229,6 @@ def _parquet_bytes(table: pa.Table) -> bytes:
     sink = io.BytesIO()
     pq.write_table(table, sink, compression="zstd")
     return sink.getvalue()
-
-
-def _partition_dir(columns: list[str], values: tuple) -> str:
-    parts = [
-        f"{name}={HIVE_NULL if value is None else urllib.parse.quote(str(value), safe='')}"
-        for name, value in zip(columns, values, strict=True)
-    ]
-    return "".join(p + "/" for p in parts)
 
 
 def _arrow_type(name: str) -> pa.DataType:
@@ -201,38 +282,86 @@ def partitioning_record(
     }
 
 
-def remove_uncommitted(fs, root: str, partition_depth: int, images: str) -> int:
-    """Delete what a killed run wrote for shards it never committed; return how many entries.
+def committed_shards(fs, root: str, partition_depth: int) -> dict[str, dict[str, Any]]:
+    """The committed shards of an output by unit: {unit: {"pieces": [partition dirs], "paths":
+    [metadata files, relative to the output]}}, from the metadata file names alone (one listing
+    per partition level, never a file read)."""
+    base = join(root, METADATA_DIR)
+    if not fs.exists(base):
+        return {}
+    units: dict[str, dict[str, Any]] = {}
+    for path in fs.glob(f"{base}/{'*/' * partition_depth}part-*.parquet"):
+        relative = path[len(base.rstrip("/")) + 1 :]
+        directory, _, name = relative.rpartition("/")
+        unit = name.removesuffix(".parquet")
+        units.setdefault(unit, {"pieces": [], "paths": []})
+        units[unit]["pieces"].append(directory + "/" if directory else "")
+        units[unit]["paths"].append(f"{METADATA_DIR}/{relative}")
+    return units
 
-    A shard is committed when its metadata file exists (written last). Image shards without
-    one (a `files` shard directory, a tar, a Parquet file) and temporary files of interrupted
-    local writes are removed, so only committed images remain and a resume cannot duplicate
-    them. Lists shard names only (one level per partition), never every image.
+
+def remove_uncommitted(fs, root: str, partition_depth: int, images: str) -> int:
+    """Delete what interrupted or losing attempts wrote for shards they never committed; return
+    how many entries.
+
+    Image shards (a `files` directory, a tar, a Parquet file) named after a unit whose metadata
+    does not exist, temporary files of interrupted local writes, and, where a committed shard
+    has images from two runs, those its metadata does not point to. Lists shard names only (one
+    level per partition), never every image.
     """
     levels = "*/" * partition_depth
     metadata_root = join(root, METADATA_DIR)
     images_root = join(root, IMAGES_DIR)
 
-    def shards(base: str, pattern: str) -> list[str]:
+    def listed(base: str, pattern: str) -> list[str]:
         return fs.glob(f"{base}/{levels}{pattern}") if fs.exists(base) else []
 
-    def name(path: str, base: str) -> str:
-        relative = path[len(base.rstrip("/")) + 1 :]
-        for suffix in (".parquet", ".tar"):
-            relative = relative.removesuffix(suffix)
-        return relative
+    def relative(path: str, base: str) -> str:
+        return path[len(base.rstrip("/")) + 1 :]
 
-    committed = {name(p, metadata_root) for p in shards(metadata_root, "part-*.parquet")}
-    pattern = "part-*" if images == "files" else "part-*.*"
-    stale = [p for p in shards(images_root, pattern) if name(p, images_root) not in committed]
-    stale += shards(metadata_root, ".part-*.tmp") + shards(images_root, ".part-*.tmp")
+    committed = {
+        relative(p, metadata_root).removesuffix(".parquet")
+        for p in listed(metadata_root, "part-*.parquet")
+    }
+    by_shard: dict[str, list[str]] = {}
+    stale = []
+    for path in listed(images_root, "part-*" if images == "files" else "part-*.*"):
+        name = relative(path, images_root)
+        for suffix in (".parquet", ".tar"):
+            name = name.removesuffix(suffix)
+        shard = name.rsplit("-", 1)[0]  # the unit's shard, less the run that wrote the images
+        (by_shard.setdefault(shard, []) if shard in committed else stale).append(path)
+    for shard, paths in by_shard.items():
+        if len(paths) > 1:  # a losing attempt that died before removing its images
+            table = pq.read_table(
+                join(metadata_root, f"{shard}.parquet"), columns=["image_path"], filesystem=fs
+            )
+            used = {p.split("#")[0] for p in table.column("image_path").to_pylist() if p}
+            stale += [p for p in paths if not any(join(root, u).startswith(p) for u in used)]
+    stale += listed(metadata_root, ".part-*.tmp") + listed(images_root, ".part-*.tmp")
     for path in stale:
         fs.rm(path, recursive=True)
     return len(stale)
 
 
+def _merge_stats(total: dict[str, Any], part: dict[str, Any]) -> dict[str, Any]:
+    """Write statistics of two sets of units together (counts add, first times take the min)."""
+    out = dict(total)
+    for key, value in part.items():
+        if key == "examples":
+            out[key] = (out.get(key, []) + value)[:EXAMPLES]
+        elif key == "partition_types":
+            out[key] = {**value, **{k: v for k, v in out.get(key, {}).items() if v != "null"}}
+        elif key.endswith("_at"):
+            known = [t for t in (out.get(key), value) if t is not None]
+            out[key] = min(known) if known else None
+        else:
+            out[key] = out.get(key, 0) + value
+    return out
+
+
 class ImageDatasink(Datasink):
-    """Writes images (through the configured writer) and metadata shards under OUTPUT."""
+    """Writes each unit's images (through the configured writer) and metadata shards."""
 
     def __init__(
         self,
@@ -240,70 +369,103 @@ class ImageDatasink(Datasink):
         *,
         output_format: str,
         image_format: str,
-        rows_per_shard: int,
         partition_by: list[str],
         run_id: str,
+        lease_run: str | None,
         storage_options: dict[str, Any] | None = None,
     ) -> None:
         self.output_uri = output_uri
         self.output_format = output_format
         self.extension = EXTENSIONS[image_format]
-        self.rows_per_shard = rows_per_shard
         self.partition_by = list(partition_by)
         self.run_id = run_id
+        self.lease_run = lease_run
         self.storage_options = storage_options
-        self.shards: list[dict[str, Any]] = []
+        self.stats: dict[str, Any] = {}
 
-    def write(self, blocks: Iterable[Block], ctx) -> list[dict[str, Any]]:
-        # The job hands over blocks of exactly rows_per_shard rows (all but the last), so one
-        # block is one shard; slicing only guards against callers that do not.
+    def write(self, blocks: Iterable[Block], ctx) -> dict[str, Any]:
         fs, root = filesystem(self.output_uri, self.storage_options)
         writer = WRITERS[self.output_format](self.extension)
-        stats: list[dict[str, Any]] = []
+        stats: dict[str, Any] = {}
         for block in blocks:
-            table = BlockAccessor.for_block(block).to_arrow()
-            for values, part in self._partitions(table):
-                directory = _partition_dir(self.partition_by, values)
-                for start in range(0, part.num_rows, self.rows_per_shard):
-                    chunk = part.slice(start, self.rows_per_shard)
-                    shard = f"part-{self.run_id}-{ctx.task_idx:05d}-{len(stats):04d}"
-                    stats.append(self._write_shard(fs, root, writer, directory, shard, chunk))
+            for unit in BlockAccessor.for_block(block).to_arrow().to_pylist():
+                stats = _merge_stats(stats, self._write_unit(fs, root, writer, unit))
         return stats
 
-    def _partitions(self, table: pa.Table):
-        if not self.partition_by:
-            yield (), table
-            return
-        keys = table.select(self.partition_by).to_pylist()
-        groups: dict[tuple, list[int]] = {}
-        for index, key in enumerate(keys):
-            groups.setdefault(tuple(key[c] for c in self.partition_by), []).append(index)
-        for values, indices in groups.items():
-            yield values, table.take(pa.array(indices))
+    def _write_unit(self, fs, root: str, writer, unit: dict[str, Any]) -> dict[str, Any]:
+        stats = {
+            "units": 1,
+            "input_rows": unit["rows"],
+            "done_before": unit["done"],
+            **{k: unit[k] for k in ("read_at", "actor_ready_at", "generated_at")},
+        }
+        if unit["table"] is None:
+            return stats
+        table = unpack(unit["table"])
+        dirs = partition_dirs(table, self.partition_by)
+        for directory in dict.fromkeys(dirs):
+            piece = table.filter(pa.array([d == directory for d in dirs]))
+            stats = _merge_stats(
+                stats, self._write_shard(fs, root, writer, directory, unit["unit"], piece)
+            )
+        return stats
 
-    def _write_shard(self, fs, root, writer, directory: str, shard: str, chunk: pa.Table) -> dict:
+    def _write_shard(self, fs, root, writer, directory: str, unit: str, chunk: pa.Table) -> dict:
+        import numpy as np
+        import pyarrow.compute as pc
+
+        check_held(fs, root, self.lease_run)  # a run that lost the output writes nothing more
+        relative = f"{METADATA_DIR}/{directory}{unit}.parquet"
+        if fs.exists(join(root, relative)):  # committed by an attempt Ray never heard back from
+            return {"committed_elsewhere": chunk.num_rows}
         metadata = chunk.drop_columns([c for c in chunk.column_names if c.startswith("__sdray")])
-        rows = metadata.to_pylist()
+        present = np.flatnonzero(chunk.column(IMAGE_COLUMN).is_valid())  # error rows: no image
+        rows = metadata.take(present).to_pylist()
         keys = [sample_key(r["id"]) for r in rows]
-        images = chunk.column(IMAGE_COLUMN).to_pylist()
-        paths = writer.write(
-            fs, root, f"{IMAGES_DIR}/{directory}", shard, ShardImages(keys, images, rows)
+        images = chunk.column(IMAGE_COLUMN).take(present).to_pylist()
+        strips = (
+            chunk.column(STRIP_COLUMN).take(present).to_pylist()
+            if STRIP_COLUMN in chunk.column_names
+            else None
         )
+        shard = f"{unit}-{self.run_id}"
+        stored, stored_strips = writer.write(
+            fs, root, f"{IMAGES_DIR}/{directory}", shard, ShardImages(keys, images, rows, strips)
+        )
+        paths: list[str | None] = [None] * chunk.num_rows
+        strip_paths: list[str | None] = [None] * chunk.num_rows
+        for index, path, strip in zip(present, stored, stored_strips, strict=True):
+            paths[index], strip_paths[index] = path, strip
         metadata = metadata.append_column("image_path", pa.array(paths, pa.string()))
+        if strips is not None:
+            metadata = metadata.append_column("preview_path", pa.array(strip_paths, pa.string()))
         ordered = [c for c in LEADING_COLUMNS if c in metadata.column_names]
         ordered += [c for c in metadata.column_names if c not in ordered]
         metadata = metadata.select([c for c in ordered if c not in self.partition_by])
-        relative = f"{METADATA_DIR}/{directory}{shard}.parquet"
-        write_bytes_atomic(fs, join(root, relative), _parquet_bytes(metadata))  # the commit
-        status = [r["status"] for r in rows]
+        check_held(fs, root, self.lease_run)  # and checks again just before its commit
+        if not create_new(fs, join(root, relative), _parquet_bytes(metadata)):  # the commit
+            if len(present):
+                fs.rm(join(root, IMAGES_DIR, writer.location(directory, shard)), recursive=True)
+            return {"committed_elsewhere": chunk.num_rows}
+        _maybe_exit_after_commit()
+        ok = pc.equal(chunk.column("status"), "ok")
+        # Rows in error before generation (invalid, or a duplicate id): no truncation flag.
+        invalid = chunk.filter(pc.and_(pc.invert(ok), pc.is_null(chunk.column("truncated"))))
+        examples = invalid.slice(0, EXAMPLES).select(["id", "error"]).to_pylist()
         return {
-            "shard": relative,
-            "rows": len(rows),
-            "ok": sum(s == "ok" for s in status),
-            "error": sum(s != "ok" for s in status),
+            "shards": 1,
+            "rows": chunk.num_rows,
+            "ok": pc.sum(ok).as_py() or 0,
+            "error": chunk.num_rows - (pc.sum(ok).as_py() or 0),
+            "invalid": invalid.num_rows,
+            "examples": [f"{r['id']}: {r['error']}" if r["id"] else r["error"] for r in examples],
+            "committed_at": time.time(),
             # Hive paths lose the partition columns' types; the manifest keeps them.
             "partition_types": {c: str(chunk.schema.field(c).type) for c in self.partition_by},
         }
 
     def on_write_complete(self, write_result) -> None:
-        self.shards = [s for task in write_result.write_returns for s in task]
+        stats: dict[str, Any] = {}
+        for part in write_result.write_returns:
+            stats = _merge_stats(stats, part)
+        self.stats = stats

@@ -15,12 +15,27 @@ import pyarrow as pa
 
 from sdray.config import GenerationConfig, ModelConfig, OutputConfig
 from sdray.errors import SdrayError
-from sdray.requests import PREPARED_SCHEMA, prepare_table, request_from_row
+from sdray.requests import (
+    IMAGE_BYTES,
+    IMAGE_DIGESTS,
+    IMAGE_INPUTS,
+    PREPARED_SCHEMA,
+    SOURCE_COLUMN,
+    denoising_start,
+    prepare_table,
+    request_from_row,
+)
 
 log = logging.getLogger(__name__)
 
 PIXELS_COLUMN = "__sdray_pixels"
 IMAGE_COLUMN = "__sdray_image"
+# Ready init/mask pixels (raw uint8 at the row's width x height), from ImageInputStage.
+INPUT_PIXELS = {"init_image": "__sdray_init_pixels", "mask_image": "__sdray_mask_pixels"}
+# Previews from the model actor: steps, and raw uint8 frames; then the encoded filmstrip.
+PREVIEW_STEPS = "__sdray_preview_steps"
+PREVIEW_FRAMES = "__sdray_preview_frames"
+STRIP_COLUMN = "__sdray_strip"
 
 
 def require_columns(batch: pa.Table, names: list[str] | tuple[str, ...], stage: str) -> None:
@@ -47,6 +62,124 @@ class PrepareStage:
         return prepare_table(batch, self.generation)  # refuses a table without `prompt` itself
 
 
+class ImageInputStage:
+    """CPU stage before the model actors: fetch each image-to-image row's init image (and mask)
+    — from any fsspec URI, relative ones from the table's own location, or bytes in the table —,
+    decode, check and size them (`sdray.images.prepare_inputs`), and hand the model actors
+    ready pixels. A bad image makes its row an error row naming the field and value."""
+
+    def __init__(
+        self,
+        generation: GenerationConfig,
+        input_base: str,
+        storage_options: dict[str, Any] | None = None,
+        threads: int = 8,
+    ) -> None:
+        self.generation = generation
+        self.input_base = input_base.rstrip("/")
+        self.storage_options = storage_options
+        self.threads = threads
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        from concurrent.futures import ThreadPoolExecutor
+
+        require_columns(batch, [f.name for f in PREPARED_SCHEMA], "image inputs")
+        columns = [
+            c
+            for c in ["status", "error", "width", "height", *IMAGE_INPUTS, SOURCE_COLUMN]
+            + list(IMAGE_BYTES.values())
+            if c in batch.column_names
+        ]
+        rows = batch.select(columns).to_pylist()
+        todo = [
+            i
+            for i, r in enumerate(rows)
+            if r["status"] == "ok" and (r["init_image"] or r.get(IMAGE_BYTES["init_image"]))
+        ]
+        outcomes = []
+        if todo:
+            with ThreadPoolExecutor(min(self.threads, len(todo))) as pool:
+                outcomes = list(pool.map(lambda i: self._prepare(rows[i]), todo))
+        n = batch.num_rows
+        out: dict[str, list] = {
+            "status": [r["status"] for r in rows],
+            "error": [r["error"] for r in rows],
+            "width": [r["width"] for r in rows],
+            "height": [r["height"] for r in rows],
+            **{name: [None] * n for name in (*INPUT_PIXELS.values(), *IMAGE_DIGESTS.values())},
+        }
+        for index, (prepared, digests, error) in zip(todo, outcomes, strict=True):
+            for name, digest in digests.items():
+                out[IMAGE_DIGESTS[name]][index] = digest
+            if error is not None:
+                out["status"][index], out["error"][index] = "error", error
+                continue
+            out["width"][index], out["height"][index] = prepared.width, prepared.height
+            out[INPUT_PIXELS["init_image"]][index] = prepared.init.tobytes()
+            if prepared.mask is not None:
+                out[INPUT_PIXELS["mask_image"]][index] = prepared.mask.tobytes()
+        types = {
+            "status": pa.string(),
+            "error": pa.string(),
+            "width": pa.int64(),
+            "height": pa.int64(),
+        }
+        for name, values in out.items():
+            batch = _set_column(batch, name, values, types.get(name, _kind(name)))
+        hidden = [c for c in IMAGE_BYTES.values() if c in batch.column_names]
+        return batch.drop_columns(hidden)
+
+    def _prepare(self, row: dict[str, Any]):
+        """(PreparedInputs | None, {field: sha256 of the source bytes}, error | None)."""
+        from sdray.images import ImageInputError, prepare_inputs
+
+        data, digests, shown = {}, {}, {}
+        try:
+            for name in IMAGE_INPUTS:
+                raw = row.get(IMAGE_BYTES[name])
+                uri = row.get(name)
+                if raw is None and uri is None:
+                    continue
+                shown[name] = repr(uri) if uri is not None else f"<{len(raw)} bytes>"
+                data[name] = raw if raw is not None else self._fetch(name, uri, row)
+                digests[name] = hashlib.sha256(data[name]).hexdigest()
+            g = self.generation
+            prepared = prepare_inputs(
+                data["init_image"],
+                data.get("mask_image"),
+                width=row["width"],
+                height=row["height"],
+                max_width=g.max_width,
+                max_height=g.max_height,
+                max_pixels=g.max_input_pixels,
+                shown=shown,
+            )
+        except ImageInputError as error:
+            return None, digests, str(error)
+        return prepared, digests, None
+
+    def _fetch(self, name: str, uri: str, row: dict[str, Any]) -> bytes:
+        from sdray.images import ImageInputError
+        from sdray.storage import filesystem, join
+
+        location = uri
+        if "://" not in uri and not uri.startswith("/"):  # relative to the table's own folder
+            folder = (row.get(SOURCE_COLUMN) or "").rpartition("/")[0]
+            location = join(self.input_base, folder, uri) if folder else join(self.input_base, uri)
+        try:
+            fs, path = filesystem(location, self.storage_options)
+            with fs.open(path, "rb") as handle:
+                return handle.read()
+        except FileNotFoundError:
+            raise ImageInputError(f"{name}={uri!r}: no such file ({location})") from None
+        except (OSError, ValueError) as error:
+            raise ImageInputError(f"{name}={uri!r}: cannot be read ({error})") from None
+
+
+def _kind(name: str) -> pa.DataType:
+    return pa.string() if name in IMAGE_DIGESTS.values() else pa.binary()
+
+
 # Fault injection for tests: when set to a path, the first model actor to see a batch creates
 # that file and dies, so tests can show a crashed actor's batch is retried and nothing is lost.
 CRASH_ONCE_ENV = "SDRAY_TEST_CRASH_ONCE"
@@ -57,7 +190,12 @@ class ErrorBudgetExceeded(SdrayError):
 
 
 class GenerateStage:
-    """Model actor: loads the engine once, then turns ok rows into raw pixels."""
+    """Model actor: loads the engine once, then turns ok rows into raw pixels.
+
+    Ray Data runs `__call__` on one thread of the actor; with `batch.overlap` the actor takes
+    two tasks at once (`max_concurrent_calls_per_actor=2`), so fetching and slicing the next
+    block and serializing the last one's pixels overlap the engine's work on this one.
+    """
 
     def __init__(
         self,
@@ -69,6 +207,9 @@ class GenerateStage:
         max_error_fraction: float = 1.0,
         min_rows_for_budget: int = 32,
         model_sha256: str | None = None,
+        model_family: str | None = None,
+        preview_every: int = 0,
+        stats: Any = None,
     ) -> None:
         from sdray.engine import DiffusionEngine
 
@@ -83,10 +224,18 @@ class GenerateStage:
             expected_sha256=model_sha256,
         )
         self.model_name = model_name
+        self.model_family = model_family or self.engine.plan.family
+        self.preview_every = preview_every
         self.max_error_fraction = max_error_fraction
         self.min_rows_for_budget = min_rows_for_budget
         self.attempted = 0
         self.failed = 0
+        # stats: the job's GenerationStats actor (sdray.batch.cluster), for per-node figures.
+        self.reporter = None
+        if stats is not None:
+            from sdray.batch.cluster import StatsReporter
+
+            self.reporter = StatsReporter(stats)
         log.info("model actor ready in %.1fs", time.perf_counter() - started)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -98,21 +247,58 @@ class GenerateStage:
         pixels: list[bytes | None] = [None] * len(rows)
         truncated: list[bool | None] = [None] * len(rows)
         todo = [i for i, r in enumerate(rows) if r["status"] == "ok"]
-        requests = [request_from_row(rows[i]) for i in todo]
+        inputs = {
+            name: batch.column(column).to_pylist() if column in batch.column_names else None
+            for name, column in INPUT_PIXELS.items()
+        }
+        requests = [
+            self._request(rows[i], {k: v and v[i] for k, v in inputs.items()}) for i in todo
+        ]
+        preview_steps: list[list[int] | None] = [None] * len(rows)
+        preview_frames: list[list[bytes] | None] = [None] * len(rows)
+        started, failed_before = time.perf_counter(), self.failed
         for index, result in zip(todo, self._generate(requests), strict=True):
             truncated[index] = result.truncated
             if result.error is None:
                 pixels[index] = result.image.tobytes()
+                if result.previews:
+                    preview_steps[index] = [step for step, _ in result.previews]
+                    preview_frames[index] = [frame.tobytes() for _, frame in result.previews]
             else:
                 status[index], errors[index] = "error", result.error
                 self.failed += 1
         self.attempted += len(todo)
+        if self.reporter is not None and todo:
+            failed = self.failed - failed_before
+            self.reporter.report(len(todo) - failed, failed, time.perf_counter() - started)
         self._check_budget()
         batch = _set_column(batch, "model", [self.model_name] * len(rows), pa.string())
+        batch = _set_column(batch, "model_family", [self.model_family] * len(rows), pa.string())
+        batch = batch.drop_columns([c for c in INPUT_PIXELS.values() if c in batch.column_names])
+        if self.preview_every:
+            batch = _set_column(batch, PREVIEW_STEPS, preview_steps, pa.list_(pa.int64()))
+            batch = _set_column(batch, PREVIEW_FRAMES, preview_frames, pa.list_(pa.binary()))
         batch = _set_column(batch, "status", status, pa.string())
         batch = _set_column(batch, "error", errors, pa.string())
         batch = _set_column(batch, "truncated", truncated, pa.bool_())
         return _set_column(batch, PIXELS_COLUMN, pixels, pa.binary())
+
+    def _request(self, row: dict[str, Any], pixels: dict[str, bytes | None]):
+        """The row's GenerationRequest, with its ready input pixels and preview steps."""
+        import numpy as np
+
+        shape = (row["height"], row["width"])
+        images = {
+            name: None if raw is None else np.frombuffer(raw, np.uint8).reshape(*shape, -1)
+            for name, raw in pixels.items()
+        }
+        if images["mask_image"] is not None:
+            images["mask_image"] = images["mask_image"][..., 0]
+        preview_at: tuple[int, ...] = ()
+        if self.preview_every:
+            run = row["steps"] - denoising_start(row["steps"], row.get("strength"))
+            preview_at = tuple(range(self.preview_every, run + 1, self.preview_every))
+        return request_from_row(row, **images, preview_at=preview_at)
 
     def _check_budget(self) -> None:
         """Abort when this actor has seen enough rows and too many of them failed."""
@@ -180,7 +366,8 @@ def _maybe_crash_once() -> None:
 
 
 class EncodeStage:
-    """CPU stage: raw pixels -> PNG/JPEG/WebP bytes with embedded parameters, plus sha256."""
+    """CPU stage: raw pixels -> PNG/JPEG/WebP bytes with embedded parameters, plus sha256; and
+    each image's previews -> one filmstrip PNG (labelled by step, the final image last)."""
 
     def __init__(self, output: OutputConfig) -> None:
         self.image_format = output.image_format
@@ -189,23 +376,33 @@ class EncodeStage:
     def __call__(self, batch: pa.Table) -> pa.Table:
         import numpy as np
 
-        from sdray.images import encode_image, infotext
+        from sdray.images import encode_image, filmstrip, infotext
 
         needed = [f.name for f in PREPARED_SCHEMA] + ["model", PIXELS_COLUMN]
         require_columns(batch, needed, "encode")
-        rows = batch.select(needed).to_pylist()
-        encoded: list[bytes | None] = []
-        digests: list[str | None] = []
-        for row in rows:
-            raw = row[PIXELS_COLUMN]
-            if raw is None:
-                encoded.append(None)
-                digests.append(None)
-                continue
-            pixels = np.frombuffer(raw, np.uint8).reshape(row["height"], row["width"], 3)
+        present = np.flatnonzero(batch.column(PIXELS_COLUMN).is_valid())  # error rows: none
+        previews = PREVIEW_FRAMES in batch.column_names
+        steps = batch.column(PREVIEW_STEPS).to_pylist() if previews else None
+        frames = batch.column(PREVIEW_FRAMES).to_pylist() if previews else None
+        encoded: list[bytes | None] = [None] * batch.num_rows
+        digests: list[str | None] = [None] * batch.num_rows
+        strips: list[bytes | None] = [None] * batch.num_rows
+        for index, row in zip(present, batch.select(needed).take(present).to_pylist(), strict=True):
+            shape = (row["height"], row["width"], 3)
+            pixels = np.frombuffer(row[PIXELS_COLUMN], np.uint8).reshape(shape)
             data = encode_image(pixels, self.image_format, infotext(row), self.quality)
-            encoded.append(data)
-            digests.append(hashlib.sha256(data).hexdigest())
+            encoded[index] = data
+            digests[index] = hashlib.sha256(data).hexdigest()
+            if previews and frames[index]:
+                run = row["steps"] - denoising_start(row["steps"], row["strength"])
+                labelled = [
+                    (f"step {step}/{run}", np.frombuffer(f, np.uint8).reshape(shape))
+                    for step, f in zip(steps[index], frames[index], strict=True)
+                ]
+                strips[index] = filmstrip([*labelled, ("final", pixels)])
         batch = batch.drop_columns([PIXELS_COLUMN])
         batch = _set_column(batch, IMAGE_COLUMN, encoded, pa.binary())
+        if previews:
+            batch = batch.drop_columns([PREVIEW_STEPS, PREVIEW_FRAMES])
+            batch = _set_column(batch, STRIP_COLUMN, strips, pa.binary())
         return _set_column(batch, "sha256", digests, pa.string())

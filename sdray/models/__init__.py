@@ -15,9 +15,8 @@ from typing import Any
 from filelock import FileLock
 
 from sdray.errors import ModelError
+from sdray.families import SD, ModelPlan, components, plan_model, weight_components
 
-COMPONENTS_WITH_WEIGHTS = ("text_encoder", "unet", "vae")
-REQUIRED_COMPONENTS = ("tokenizer", "text_encoder", "unet", "vae", "scheduler")
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
 # Weights of other frameworks, which loading (PyTorch) never reads.
 OTHER_FRAMEWORK_SUFFIXES = (".msgpack", ".h5", ".onnx", ".onnx_data", ".ot")
@@ -26,11 +25,12 @@ _HASH_FILE = ".sdray-model.json"
 
 @dataclass(frozen=True)
 class ModelFiles:
-    """A model resolved to a complete local diffusers directory."""
+    """A model resolved to a complete local diffusers directory, and its plan."""
 
     source: str
     directory: Path
     name: str
+    plan: ModelPlan
 
 
 def cache_root(cache_dir: str | None = None) -> Path:
@@ -101,20 +101,20 @@ def _loadable_weights(paths: list[str], allow_pickle: bool) -> list[str]:
     ]
 
 
-def select_model_files(paths: list[str], *, allow_pickle: bool) -> list[str]:
+def select_model_files(paths: list[str], *, allow_pickle: bool, family: str = SD) -> list[str]:
     """Of a model's files (relative paths), the ones loading reads: `model_index.json` and the
-    required component folders, with only the weights that will load (see `_loadable_weights`)."""
+    family's component folders, with only the weights that will load (see `_loadable_weights`)."""
     chosen = [p for p in paths if p == "model_index.json"]
-    for component in REQUIRED_COMPONENTS:
+    for component in components(family):
         files = [p for p in paths if p.startswith(component + "/")]
-        if component in COMPONENTS_WITH_WEIGHTS:
+        if component in weight_components(family):
             files = _loadable_weights(files, allow_pickle)
         chosen.extend(files)
     return sorted(chosen)
 
 
 def _remote_listing(source: str, storage_options: dict[str, Any] | None):
-    """(fs, base path, {relative path: info}) of a remote model, refusing non-diffusers ones."""
+    """(fs, base path, {relative path: info}, plan) of a remote model; reads only its configs."""
     from sdray.storage import filesystem
 
     fs, path = filesystem(source, storage_options)
@@ -127,13 +127,40 @@ def _remote_listing(source: str, storage_options: dict[str, Any] | None):
     }
     if not listing:
         raise ModelError(f"model.source {source!r} does not exist or is empty")
-    missing = [c for c in REQUIRED_COMPONENTS if not any(k.startswith(c + "/") for k in listing)]
-    if missing:
+
+    def read_json(relative: str) -> dict[str, Any] | None:
+        if relative not in listing:
+            return None
+        return _parse_json(fs.cat_file(base + relative), relative, source)
+
+    return fs, base, listing, plan_model(list(listing), read_json, source)
+
+
+def _parse_json(data: bytes | str, relative: str, source: str) -> Any:
+    try:
+        return json.loads(data)
+    except ValueError as error:
+        raise ModelError(f"model {source!r}: {relative} is not valid JSON ({error})") from None
+
+
+def plan_directory(directory: Path, source: str) -> ModelPlan:
+    """`plan_model` of a local model directory."""
+    if not directory.is_dir():
         raise ModelError(
-            f"model {source!r} is not a diffusers directory: missing "
-            + ", ".join(m + "/" for m in missing)
+            f"model.source {source!r} is not a directory (nor an embedded model: "
+            f"{', '.join(EMBEDDED)}; nor a URI)"
         )
-    return fs, base, listing
+    files = [
+        str(p.relative_to(directory))
+        for p in directory.rglob("*")
+        if p.is_file() and not p.name.startswith(".sdray")
+    ]
+
+    def read_json(relative: str) -> dict[str, Any] | None:
+        path = directory / relative
+        return _parse_json(path.read_bytes(), relative, source) if path.is_file() else None
+
+    return plan_model(files, read_json, source)
 
 
 def _listing_hash(listing: dict[str, dict[str, Any]]) -> str:
@@ -188,17 +215,16 @@ def resolve_model(
     refuses a model that has changed since, so one run never mixes two models.
     """
     root = cache_root(cache_dir)
-    if source == "tiny":
-        from sdray.models.tiny import build_tiny_model, shipped_version
-
-        directory = _materialize_once(root / "models" / shipped_version(), build_tiny_model)
-        name = "tiny"
+    if source in EMBEDDED:
+        version, build = EMBEDDED[source]()
+        directory = _materialize_once(root / "models" / version, build)
+        name = source
     elif _is_remote(source):
-        fs, base, listing = _remote_listing(source, storage_options)
-        for component in COMPONENTS_WITH_WEIGHTS:
+        fs, base, listing, plan = _remote_listing(source, storage_options)
+        for component in weight_components(plan.family):
             names = [k.rsplit("/", 1)[-1] for k in listing if k.startswith(component + "/")]
             _check_weights(names, component, source, allow_pickle=allow_pickle)
-        files = select_model_files(list(listing), allow_pickle=allow_pickle)
+        files = select_model_files(list(listing), allow_pickle=allow_pickle, family=plan.family)
         identity = _listing_hash(listing)
         _check_unchanged(source, identity, expected_sha256)
         directory = _materialize_once(
@@ -208,13 +234,28 @@ def resolve_model(
         name = source.rstrip("/")
     else:
         directory = Path(source.removeprefix("file://")).expanduser()
-        if not directory.is_dir():
-            raise ModelError(f"model.source {source!r} is not a directory (nor 'tiny' or a URI)")
         name = str(directory)
-    check_model_directory(directory, source, allow_pickle=allow_pickle)
+    plan = check_model_directory(directory, source, allow_pickle=allow_pickle)
     if expected_sha256 is not None and not _is_remote(source):
         _check_unchanged(source, model_hash(directory), expected_sha256)
-    return ModelFiles(source=source, directory=directory, name=name)
+    return ModelFiles(source=source, directory=directory, name=name, plan=plan)
+
+
+def _tiny():
+    from sdray.models.tiny import build_tiny_model, shipped_version
+
+    return shipped_version(), build_tiny_model
+
+
+def _tiny_xl():
+    from sdray.models.tiny_xl import TINY_XL_VERSION, build_tiny_xl_model
+
+    return TINY_XL_VERSION, build_tiny_xl_model
+
+
+# Embedded models (no download): name -> (cache version, builder), imported on use. `tiny`
+# is trained here and shipped in the package; `tiny-xl` is built in code with random weights.
+EMBEDDED = {"tiny": _tiny, "tiny-xl": _tiny_xl}
 
 
 def _check_unchanged(source: str, actual: str, expected: str | None) -> None:
@@ -226,16 +267,14 @@ def _check_unchanged(source: str, actual: str, expected: str | None) -> None:
         )
 
 
-def check_model_directory(directory: Path, source: str, *, allow_pickle: bool) -> None:
-    """Refuse incomplete model directories and pickle-only weights unless allowed."""
-    missing = [c for c in REQUIRED_COMPONENTS if not (directory / c).is_dir()]
-    if missing:
-        raise ModelError(
-            f"model {source!r} is not a diffusers directory: missing {', '.join(m + '/' for m in missing)}"
-        )
-    for component in COMPONENTS_WITH_WEIGHTS:
+def check_model_directory(directory: Path, source: str, *, allow_pickle: bool) -> ModelPlan:
+    """Refuse models of other families, incomplete directories and pickle-only weights unless
+    allowed; return the model's plan."""
+    plan = plan_directory(directory, source)
+    for component in weight_components(plan.family):
         names = [p.name for p in (directory / component).iterdir()]
         _check_weights(names, component, source, allow_pickle=allow_pickle)
+    return plan
 
 
 def _check_weights(names: list[str], component: str, source: str, *, allow_pickle: bool) -> None:
@@ -292,56 +331,60 @@ def model_identity(
     cache_dir: str | None = None,
     allow_pickle: bool = False,
     storage_options: dict[str, Any] | None = None,
-) -> dict[str, str]:
-    """The model's source, display name and content hash, checked before any actor starts.
+) -> tuple[dict[str, str], ModelPlan]:
+    """The model's source, display name, content hash and family, and its plan: checked in the
+    driver before any actor starts.
 
-    Local and tiny models are hashed by content; a remote model by its listing, so the driver
-    never downloads weights it does not use.
+    Local and embedded models are hashed by content; a remote model by its listing (its configs
+    are read, never its weights), so the driver never downloads weights it does not use.
     """
     if _is_remote(source):
-        return {
-            "source": source,
-            "name": source.rstrip("/"),
-            "sha256": remote_model_hash(source, storage_options),
+        _, _, listing, plan = _remote_listing(source, storage_options)
+        for component in weight_components(plan.family):
+            names = [k.rsplit("/", 1)[-1] for k in listing if k.startswith(component + "/")]
+            _check_weights(names, component, source, allow_pickle=allow_pickle)
+        identity = {"source": source, "name": source.rstrip("/"), "sha256": _listing_hash(listing)}
+    else:
+        files = resolve_model(source, cache_dir=cache_dir, allow_pickle=allow_pickle)
+        plan = files.plan
+        identity = {
+            "source": files.source,
+            "name": files.name,
+            "sha256": model_hash(files.directory),
         }
-    files = resolve_model(source, cache_dir=cache_dir, allow_pickle=allow_pickle)
-    return {"source": files.source, "name": files.name, "sha256": model_hash(files.directory)}
+    return {**identity, "family": plan.family}, plan
 
 
-def load_components(
+def load_denoiser(
     files: ModelFiles, *, device: str, dtype: str, allow_pickle: bool = False
-) -> dict[str, Any]:
-    """Load tokenizer, text encoder, UNet, VAE and the scheduler config onto a device."""
-    import diffusers
+) -> tuple[Any, Any, dict[str, Any]]:
+    """Load the UNet and VAE onto a device (the VAE in the dtype the family needs), and the
+    scheduler config. The text parts are the family's to load (`sdray.families`)."""
     import torch
-    import transformers
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+
+    quiet_libraries()
+    use_safetensors = None if allow_pickle else True
+    d = files.directory
+    unet = UNet2DConditionModel.from_pretrained(
+        d / "unet", torch_dtype=getattr(torch, dtype), use_safetensors=use_safetensors
+    )
+    vae = AutoencoderKL.from_pretrained(
+        d / "vae",
+        torch_dtype=getattr(torch, files.plan.vae_dtype(dtype)),
+        use_safetensors=use_safetensors,
+    )
+    scheduler_config = json.loads((d / "scheduler" / "scheduler_config.json").read_text())
+    for module in (unet, vae):
+        module.to(device).eval().requires_grad_(False)
+    return unet, vae, scheduler_config
+
+
+def quiet_libraries() -> None:
+    """diffusers and transformers: errors only, no progress bars."""
+    import diffusers
+    import transformers
 
     for library in (diffusers, transformers):
         library.utils.logging.set_verbosity_error()
         library.utils.logging.disable_progress_bar()
-
-    torch_dtype = getattr(torch, dtype)
-    use_safetensors = None if allow_pickle else True
-    d = files.directory
-    tokenizer = CLIPTokenizer.from_pretrained(d / "tokenizer", model_max_length=77)
-    text_encoder = CLIPTextModel.from_pretrained(
-        d / "text_encoder", torch_dtype=torch_dtype, use_safetensors=use_safetensors
-    )
-    unet = UNet2DConditionModel.from_pretrained(
-        d / "unet", torch_dtype=torch_dtype, use_safetensors=use_safetensors
-    )
-    vae = AutoencoderKL.from_pretrained(
-        d / "vae", torch_dtype=torch_dtype, use_safetensors=use_safetensors
-    )
-    scheduler_config = json.loads((d / "scheduler" / "scheduler_config.json").read_text())
-    for module in (text_encoder, unet, vae):
-        module.to(device).eval().requires_grad_(False)
-    return {
-        "tokenizer": tokenizer,
-        "text_encoder": text_encoder,
-        "unet": unet,
-        "vae": vae,
-        "scheduler_config": scheduler_config,
-    }

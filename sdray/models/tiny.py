@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 
 # The shipped diffusers directory (written by pipelines/train_tiny.py).
@@ -124,8 +125,9 @@ def tokenizer_files(words: list[str]) -> tuple[dict[str, int], list[str]]:
     return vocab, [f"{a} {b}" for (a, b), _ in sorted(ranks.items(), key=lambda kv: kv[1])]
 
 
-def write_tokenizer(directory: Path, words: list[str]) -> None:
-    """Write a CLIP tokenizer whose vocabulary holds `words` whole, into `directory`."""
+def write_tokenizer(directory: Path, words: Sequence[str] = ()) -> None:
+    """Write a CLIP tokenizer whose vocabulary holds `words` whole, into `directory` (with no
+    words: the byte-level tokenizer, every text byte by byte)."""
     vocab, merges = tokenizer_files(words)
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))

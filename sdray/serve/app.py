@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 from ray import serve
 
 from sdray.config import SdrayConfig
@@ -19,6 +21,7 @@ from sdray.engine import free_device_memory, is_device_fault
 from sdray.engine import is_out_of_memory as engine_out_of_memory
 from sdray.requests import GenerationRequest
 from sdray.serve.api import OUT_OF_MEMORY, SERVER_ERROR, UNAVAILABLE, ImageOutcome, create_api
+from sdray.serve.batcher import AdaptiveBatcher
 
 log = logging.getLogger(__name__)
 
@@ -32,10 +35,16 @@ FAILURES_BEFORE_PROBE = 3
 
 @dataclass
 class ImageJob:
-    """One image waiting in the replica's batch queue, and when it got there."""
+    """One image waiting in the replica's batch queue, and when it got there.
+
+    `on_preview(step, pixels)` receives its previews from the engine thread; `abandoned` is set
+    when its client has gone, so it is skipped wherever it has not run yet.
+    """
 
     request: GenerationRequest
     enqueued: float
+    on_preview: Callable[[int, np.ndarray], None] | None = None
+    abandoned: bool = False
 
 
 class EngineOutOfMemory(RuntimeError):
@@ -51,7 +60,8 @@ class ImageReplica:
     """A replica: loads the engine once, batches concurrent images, serves the HTTP API.
 
     The batching unit is one image, so the `n` images of a request count toward
-    `serve.max_batch_size` and a large `n` spreads over several engine calls. Each Serve batch
+    `serve.max_batch_size` and a large `n` spreads over several engine calls. Batches form when
+    the engine is free (`AdaptiveBatcher`): a lone request never waits for company. Each Serve batch
     is split into compatible groups (size, steps, scheduler, guidance) before it reaches the
     engine, so incompatible requests never share a denoising batch. When a batched engine call
     raises, its images are tried again one by one, so one bad request fails alone.
@@ -72,6 +82,7 @@ class ImageReplica:
             storage_options=self.config.storage.storage_options,
         )
         self.model_name = self.engine.model_name
+        self.family = self.engine.plan.family
         self.device = self.engine.device
         self.load_seconds = self.engine.load_seconds
         self.loaded_at = time.time()
@@ -82,8 +93,9 @@ class ImageReplica:
         self._call_ids = itertools.count()
         self._failed_calls = 0  # engine calls in a row that raised
         self._fatal: str | None = None  # why the engine cannot serve any more
-        self._run_batch.set_max_batch_size(settings.max_batch_size)
-        self._run_batch.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
+        self.batcher = AdaptiveBatcher(
+            self.generate_batch, settings.max_batch_size, settings.batch_wait_timeout_s
+        )
         self._warm_up()
         log.info("replica ready: model %s on %s", self.model_name, self.device)
 
@@ -128,24 +140,44 @@ class ImageReplica:
         if self._fatal is not None:
             raise RuntimeError(f"the engine failed and cannot serve: {self._fatal}")
 
-    async def generate(self, requests: Sequence[GenerationRequest]) -> list[ImageOutcome]:
-        """Queue each image for batching; one outcome per request, in order."""
+    async def generate(
+        self,
+        requests: Sequence[GenerationRequest],
+        on_preview: Callable[[int, int, np.ndarray], None] | None = None,
+    ) -> list[ImageOutcome]:
+        """Queue each image for batching; one outcome per request, in order. Previews go to
+        `on_preview(index, step, pixels)` from the engine thread. Cancelled (the client went
+        away), its images leave the queue, and any not yet in an engine call are skipped."""
         now = time.perf_counter()
-        jobs = [ImageJob(request, now) for request in requests]
-        return list(await asyncio.gather(*(self._run_batch(job) for job in jobs)))
+        jobs = [
+            ImageJob(request, now, on_preview and functools.partial(on_preview, index))
+            for index, request in enumerate(requests)
+        ]
+        try:
+            return await self.batcher.submit(jobs)
+        except asyncio.CancelledError:
+            for job in jobs:
+                job.abandoned = True
+            raise
 
-    @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.05)  # set from the config in __init__
-    async def _run_batch(self, jobs: list[ImageJob]) -> list[ImageOutcome]:
-        return await self.generate_batch(jobs)
+    def incoming(self):
+        """Context of a request whose body is being read (see `AdaptiveBatcher.incoming`)."""
+        return self.batcher.incoming()
 
     async def generate_batch(self, jobs: list[ImageJob]) -> list[ImageOutcome]:
         """One Serve batch: compatible groups, one engine call each; outcomes in job order."""
         outcomes: list[ImageOutcome | None] = [None] * len(jobs)
         requests = [job.request for job in jobs]
         for indices in self._group_compatible(requests, self.engine.max_batch_size):
-            group = await self._generate_group([jobs[i] for i in indices])
-            for index, outcome in zip(indices, group, strict=True):
-                outcomes[index] = outcome
+            for index in [i for i in indices if jobs[i].abandoned]:
+                outcomes[index] = self._failure(
+                    jobs[index], SERVER_ERROR, "abandoned", None, time.perf_counter()
+                )
+            live = [i for i in indices if not jobs[i].abandoned]
+            if live:
+                group = await self._generate_group([jobs[i] for i in live])
+                for index, outcome in zip(live, group, strict=True):
+                    outcomes[index] = outcome
         return outcomes  # type: ignore[return-value]
 
     async def _generate_group(self, jobs: list[ImageJob]) -> list[ImageOutcome]:
@@ -158,7 +190,9 @@ class ImageReplica:
         loop = asyncio.get_running_loop()
         group = [job.request for job in jobs]
         try:
-            results = await loop.run_in_executor(self._engine_thread, self._call_engine, group)
+            results = await loop.run_in_executor(
+                self._engine_thread, self._call_engine, group, _preview_relay(jobs)
+            )
         except Exception as error:  # noqa: BLE001 - isolated below, then these requests' 5xx
             error_id = uuid.uuid4().hex[:12]
             log.error(
@@ -172,7 +206,12 @@ class ImageReplica:
             if len(jobs) > 1 and self._fatal is None:
                 isolated = []
                 for job in jobs:
-                    isolated.extend(await self._generate_group([job]))
+                    if job.abandoned:  # its client has gone: no second try
+                        isolated.append(
+                            self._failure(job, SERVER_ERROR, "abandoned", None, started)
+                        )
+                    else:
+                        isolated.extend(await self._generate_group([job]))
                 return isolated
             code = OUT_OF_MEMORY if is_out_of_memory(error) else SERVER_ERROR
             if self._fatal is not None:
@@ -195,12 +234,14 @@ class ImageReplica:
             for job, result in zip(jobs, results, strict=True)
         ]
 
-    def _call_engine(self, requests: list[GenerationRequest]):
+    def _call_engine(self, requests: list[GenerationRequest], on_preview=None):
         """Run in the engine thread. After an out-of-memory error, release the failed call's
         memory (its frames are gone once the except block ends) before reporting it."""
         message = None
         try:
-            return self.engine.generate(requests)
+            if on_preview is None:
+                return self.engine.generate(requests)
+            return self.engine.generate(requests, on_preview=on_preview)
         except Exception as error:
             if not is_out_of_memory(error):
                 raise
@@ -250,6 +291,25 @@ class ImageReplica:
             error_id=error_id,
             error_code=code,
         )
+
+
+def _preview_relay(jobs: list[ImageJob]):
+    """The engine's preview callback for one call over `jobs` (None when none wants previews):
+    each preview to its job's sink, unless its client has gone. A sink that fails is logged,
+    never allowed to fail the engine call that the other jobs share."""
+    if not any(job.on_preview for job in jobs):
+        return None
+
+    def relay(index: int, step: int, pixels: np.ndarray) -> None:
+        job = jobs[index]
+        if job.on_preview is None or job.abandoned:
+            return
+        try:
+            job.on_preview(step, pixels)
+        except Exception:  # noqa: BLE001 - one client's stream must not break the batch
+            log.warning("dropping a preview of %s", job.request.id, exc_info=True)
+
+    return relay
 
 
 ImageService = serve.deployment(name=DEPLOYMENT_NAME)(serve.ingress()(ImageReplica))

@@ -49,7 +49,7 @@ def deployment_options(config: SdrayConfig, device: str) -> dict[str, Any]:
     """Ray Serve deployment options from the `serve` section: autoscaling, queues, resources."""
     settings = config.serve
     actor: dict[str, Any] = {"num_cpus": settings.num_cpus_per_replica}
-    if device == "cuda":
+    if device == "cuda" or config.model.reserve_gpus_on_cpu:
         actor["num_gpus"] = settings.num_gpus_per_replica
     return {
         "ray_actor_options": actor,
@@ -59,6 +59,7 @@ def deployment_options(config: SdrayConfig, device: str) -> dict[str, Any]:
             "target_ongoing_requests": settings.target_ongoing_requests,
             "upscale_delay_s": settings.upscale_delay_s,
             "downscale_delay_s": settings.downscale_delay_s,
+            "look_back_period_s": settings.look_back_period_s,
         },
         "max_ongoing_requests": settings.max_ongoing_requests,
         "max_queued_requests": settings.max_queued_requests,
@@ -77,10 +78,26 @@ def http_options(config: SdrayConfig, host: str, port: int) -> dict[str, Any]:
     return {"host": host, "port": port, "request_timeout_s": config.serve.request_timeout_s}
 
 
+def plan_served_model(config: SdrayConfig) -> SdrayConfig:
+    """Recognise the model's family from its files and check its configs where the app is
+    built, before any replica starts; return `config` with the model's default size filled in."""
+    from sdray.families import with_model_defaults
+    from sdray.models import model_identity
+
+    _, plan = model_identity(
+        config.model.source,
+        cache_dir=config.model.cache_dir,
+        allow_pickle=config.model.allow_pickle,
+        storage_options=config.storage.storage_options,
+    )
+    return config.model_copy(update={"generation": with_model_defaults(config.generation, plan)})
+
+
 def build_application(config: SdrayConfig, key_digests: tuple[str, ...] = ()):
     """The bound Serve application (one ImageService deployment) for `config`."""
     from sdray.serve.app import ImageService
 
+    config = plan_served_model(config)
     device = resolve_device(config)
     data = config.model_dump(mode="json")
     data["model"]["device"] = device
@@ -196,6 +213,7 @@ def run_server(config: SdrayConfig, *, host: str = "127.0.0.1", port: int = 8000
     from ray import serve
 
     digests = api_key_digests()
+    config = plan_served_model(config)  # an unsupported model is refused before Ray starts
     if not ray.is_initialized():
         ray.init(logging_level=logging.WARNING, include_dashboard=False)
     status = serve.status()

@@ -40,6 +40,7 @@ from sdray.sweep.paths import (
     display_value,
     format_value,
     id_digest,
+    strip_path,
     thumbnail_path,
     write_web_file,
 )
@@ -223,10 +224,12 @@ def sheet_name(prompt_index: int, fixed: dict[str, Any]) -> str:
 # --- stage 1: one pass per shard --------------------------------------------------------------
 
 
-def read_images(fs, root: str, container: str, members: set[str]) -> dict[str, bytes]:
+def read_images(
+    fs, root: str, container: str, members: set[str], column: str = "image"
+) -> dict[str, bytes]:
     """The encoded images `members` of one container, reading it once: a tar shard streamed
-    member by member, a Parquet shard's `key`/`image` columns, or a single image file (member
-    "")."""
+    member by member, a Parquet shard's `key`/`image` (or `strip`) columns, or a single image
+    file (member "")."""
     from sdray.storage import join, with_retries
 
     path = join(root, container)
@@ -247,8 +250,8 @@ def read_images(fs, root: str, container: str, members: set[str]) -> dict[str, b
         import pyarrow.parquet as pq
 
         with fs.open(path, "rb") as handle:
-            table = pq.read_table(handle, columns=["key", "image"])
-        keys, images = table.column("key").to_pylist(), table.column("image")
+            table = pq.read_table(handle, columns=["key", column])
+        keys, images = table.column("key").to_pylist(), table.column(column)
         return {k: images[i].as_py() for i, k in enumerate(keys) if k in members}
 
     return with_retries(read, f"reading {path}")
@@ -379,6 +382,7 @@ def tile_shards(
         for container, members in wanted.items():  # each container read once
             for member, data in read_images(fs, root, container, members).items():
                 images[f"{container}#{member}" if member else container] = data
+        _copy_strips(fs, root, [r for r, k in zip(rows, rank, strict=True) if k < rate])
         out: dict[str, list[Any]] = {f.name: [] for f in schema}
         for row, can_show, row_rank in zip(rows, show, rank, strict=True):
             sampled = row_rank < rate
@@ -398,6 +402,26 @@ def tile_shards(
             out[GALLERY_COLUMN].append(json.dumps(row, default=str) if sampled else None)
         tables.append(pa.table(out, schema=schema))
     return pa.concat_tables(tables) if tables else schema.empty_table()
+
+
+def _copy_strips(fs, root: str, rows: list[dict[str, Any]]) -> None:
+    """Beside the gallery's thumbnails, a copy of the filmstrip of each shown row that has one
+    (`output.preview_every`), read from whatever container the output format put it in."""
+    from sdray.storage import join
+
+    wanted: dict[tuple[str, str], dict[str, str]] = defaultdict(dict)
+    for row in rows:
+        path = row.get("preview_path")
+        if row["status"] != "ok" or not path:
+            continue
+        container, _, member = path.partition("#")
+        column = "image"
+        if member.endswith("#strip"):  # parquet: the row's `strip` column
+            member, column = member.removesuffix("#strip"), "strip"
+        wanted[(container, column)][member] = row["id"]
+    for (container, column), members in wanted.items():
+        for member, data in read_images(fs, root, container, set(members), column).items():
+            write_web_file(fs, join(root, strip_path(members[member])), data)
 
 
 # --- stage 2: one call per sheet --------------------------------------------------------------
@@ -804,6 +828,11 @@ def write_contact_sheets(
     shown = [json.loads(payload) for _, payload in sampled[:cap]]
     extra = [json.loads(payload) for _, payload in sampled[cap:]]
     extra_thumbs = [join(root, thumbnail_path(r["id"])) for r in extra if r["status"] == "ok"]
+    extra_thumbs += [
+        join(root, strip_path(r["id"]))
+        for r in extra
+        if r["status"] == "ok" and r.get("preview_path")
+    ]
     if extra_thumbs:  # the few sampled past the cap (see sample_rate)
         with_retries(lambda: fs.rm(extra_thumbs), "removing thumbnails past the cap")
     return SweepViews(index.count, index.listed(), shown, rows)

@@ -126,6 +126,21 @@ def _hash_keys(keys: pa.Array) -> np.ndarray:
     return pd.util.hash_array(np.asarray(keys.to_pylist(), dtype=object), categorize=False)
 
 
+def _resolve_images(chunk: pa.Table, folder: str) -> pa.Table:
+    """A prompts file's relative init_image/mask_image paths, made absolute from the file's own
+    folder: the expanded table lives in the output, elsewhere."""
+    from sdray.requests import IMAGE_INPUTS
+    from sdray.sweep.spec import resolve_uri
+
+    for name in IMAGE_INPUTS:
+        if name in chunk.column_names and pa.types.is_string(chunk.column(name).type):
+            values = [resolve_uri(v, folder) for v in chunk.column(name).to_pylist()]
+            chunk = chunk.set_column(
+                chunk.column_names.index(name), name, pa.array(values, pa.string())
+            )
+    return chunk
+
+
 @dataclass
 class PromptSource:
     """Where the prompts come from, read in blocks so a huge prompts_file never sits in memory."""
@@ -143,6 +158,7 @@ class PromptSource:
         if self.spec.prompts is not None:
             self.count = len(self.spec.prompts)
             self.schema = pa.schema([])
+            self._check_images([])
             return
         from sdray.batch.read import column_plan, list_prompt_files
         from sdray.errors import InputError
@@ -169,6 +185,15 @@ class PromptSource:
         if self.count == 0:
             raise SweepSpecError(f"prompts_file: {self.spec.prompts_file!r} holds no rows")
         self._refuse_duplicates(np.concatenate(hashes))
+        self._check_images(schema.names)
+
+    def _check_images(self, names: list[str]) -> None:
+        has_images = self.spec.init_image is not None or "init_image" in names
+        if any(a.name == "strength" for a in self.spec.axis_list) and not has_images:
+            raise SweepSpecError(
+                "axes.strength: strength is image-to-image's; give init_image (in the spec, "
+                "or a column of the prompts_file)"
+            )
 
     def _refuse_duplicates(self, hashes: np.ndarray) -> None:
         ordered = np.sort(hashes)
@@ -203,8 +228,9 @@ class PromptSource:
             )
         taken = {PROMPT_INDEX_COLUMN, *RESULT_COLUMNS}
         taken |= {a.name for a in self.spec.axis_list}
-        if self.spec.negative_prompt is not None:
-            taken.add("negative_prompt")
+        for key in ("negative_prompt", "init_image", "mask_image"):
+            if getattr(self.spec, key) is not None:
+                taken.add(key)
         clashes = [n for n in names if n in taken]
         if names.count(PROMPT_ID_COLUMN) > 1:
             clashes.append(f"{PROMPT_ID_COLUMN} (the file's `id` becomes {PROMPT_ID_COLUMN})")
@@ -220,9 +246,11 @@ class PromptSource:
         from sdray.batch.read import conform_chunk, read_prompt_file
 
         for file in self._files:
+            folder = file["uri"].rsplit("/", 1)[0]
             for chunk in read_prompt_file(file, self.storage_options):
                 chunk = chunk.select([n for n in chunk.column_names if not n.startswith("__sdray")])
                 chunk = conform_chunk(chunk, self._text_columns)
+                chunk = _resolve_images(chunk, folder)
                 yield chunk.rename_columns(
                     [PROMPT_ID_COLUMN if n == "id" else n for n in chunk.column_names]
                 )
@@ -269,6 +297,10 @@ class PromptSource:
             yield pa.table(columns)
 
 
+# Spec-level values given to every row.
+FIXED_TEXT = ("negative_prompt", "init_image", "mask_image")
+
+
 @dataclass
 class Expansion:
     """The streamed prompt table of a sweep: its schema and its chunks."""
@@ -286,8 +318,9 @@ class Expansion:
         """Columns: id, prompt, negative_prompt?, axes in spec order, seed (derived, when no
         axis gives it), prompt_index, carried columns."""
         fields = [pa.field("id", pa.string()), pa.field("prompt", pa.string())]
-        if self.spec.negative_prompt is not None:
-            fields.append(pa.field("negative_prompt", pa.string()))
+        for key in FIXED_TEXT:
+            if getattr(self.spec, key) is not None:
+                fields.append(pa.field(key, pa.string()))
         fields += [pa.field(a.name, a.arrow_type) for a in self.spec.axis_list]
         if self.spec.derives_seeds:
             fields.append(pa.field("seed", pa.int64()))
@@ -344,10 +377,9 @@ class Expansion:
                     "id": pc.binary_join_element_wise(*parts, "/") if multi else parts[0],
                     "prompt": prompts.column("prompt"),
                 }
-                if self.spec.negative_prompt is not None:
-                    columns["negative_prompt"] = pa.array(
-                        [self.spec.negative_prompt] * len(flat), pa.string()
-                    )
+                for key in FIXED_TEXT:
+                    if getattr(self.spec, key) is not None:
+                        columns[key] = pa.array([getattr(self.spec, key)] * len(flat), pa.string())
                 for axis, position in zip(self.spec.axis_list, positions, strict=True):
                     columns[axis.name] = axis.take(position)
                 if self.spec.derives_seeds:

@@ -20,6 +20,7 @@ from sdray.sweep.paths import (
     SHEETS_INDEX,
     display_value,
     format_value,
+    strip_path,
     thumbnail_path,
     write_web_file,
 )
@@ -96,6 +97,8 @@ def render_gallery(
         data = [f'data-prompt_index="{esc(str(row.get("prompt_index")))}"']
         data += [f'data-{n}="{esc(display_value(row.get(n)))}"' for n in axis_names]
         data.append(f'data-status="{esc(str(row.get("status")))}"')
+        if row.get("status") == "ok" and row.get("preview_path"):
+            data.append(f'data-strip="{esc(_href(strip_path(row["id"])))}"')
         caption = " · ".join(f"{n} {display_value(row.get(n))}" for n in shown_axes)
         if len(prompts) > 1:
             caption = f"{_short(row.get('prompt') or '', 40)} · {caption}"
@@ -218,6 +221,7 @@ figcaption { padding: 4px 6px; font-size: 11px; color: #3f3f46; white-space: now
 #detail[hidden] { display: none; }
 #detail .panel { background: #fff; border-radius: 8px; padding: 12px 16px; max-width: 900px;
   width: 100%; }
+#detail img.strip { max-height: 30vh; }
 #detail img { max-width: 100%; max-height: 60vh; image-rendering: pixelated; display: block;
   margin: 0 auto; min-width: 256px; }
 #detail table { border-collapse: collapse; font-size: 12px; width: 100%; margin-top: 8px; }
@@ -284,6 +288,12 @@ SCRIPT = r"""
       } else {
         panel.append(img);
         panel.append(el('p', {}, 'stored at: ' + row.image_path));
+      }
+      const strip = cells[index].dataset.strip;
+      if (strip) {
+        panel.append(el('p', {}, 'how it emerged (the model\'s estimate of the final image, '
+          + 'step by step):'));
+        panel.append(el('img', {src: strip, class: 'strip', alt: 'filmstrip of ' + row.id}));
       }
     }
     const table = el('table');

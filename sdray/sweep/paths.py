@@ -46,6 +46,12 @@ def thumbnail_path(row_id: str) -> str:
     return f"{THUMBS_DIR}/{key[:2]}/{key}.jpg"
 
 
+def strip_path(row_id: str) -> str:
+    """Where a copy of a row's filmstrip lives for the gallery, relative to OUTPUT."""
+    key = id_digest(row_id)[:32]
+    return f"{THUMBS_DIR}/{key[:2]}/{key}.strip.png"
+
+
 def write_web_file(fs, path: str, data: bytes) -> None:
     """Write a file a browser will fetch: atomically, with its Content-Type on object stores, so
     that a bucket website serves the page as a page, not as a download."""

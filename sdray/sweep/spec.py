@@ -38,10 +38,11 @@ AXIS_TYPES: dict[str, type] = {
     "width": int,
     "height": int,
     "negative_prompt": str,
+    "strength": float,
 }
 AXIS_ARROW_TYPES = {float: pa.float64(), int: pa.int64(), str: pa.string()}
 AxisName = Literal[
-    "guidance_scale", "steps", "scheduler", "seed", "width", "height", "negative_prompt"
+    "guidance_scale", "steps", "scheduler", "seed", "width", "height", "negative_prompt", "strength"
 ]
 
 
@@ -137,6 +138,8 @@ def _check_value(name: str, value: Any, where: str) -> Any:
     if kind is float:
         if not math.isfinite(value) or value < 0:
             raise ValueError(f"{where}: must be a finite number >= 0, got {value!r}")
+        if name == "strength" and not 0 < value <= 1:
+            raise ValueError(f"{where}: must be a number in (0, 1], got {value!r}")
         return float(value)
     if isinstance(value, float):
         if not value.is_integer():
@@ -275,6 +278,14 @@ class SweepSpec(_SpecSection):
         "and seeds (a null id falls back to the prompt's position; duplicates are refused).",
     )
     negative_prompt: str | None = Field(None, description="Negative prompt for every row.")
+    init_image: str | None = Field(
+        None,
+        description="Image-to-image: one starting picture for every row (URI; relative paths "
+        "are from the spec file). A prompts_file may give each prompt its own instead.",
+    )
+    mask_image: str | None = Field(
+        None, description="Inpainting: one mask for every row (white repaints); needs init_image."
+    )
     mode: Literal["grid", "zip", "random"] = Field(
         "grid",
         description="grid: every combination; zip: the i-th values of all axes together; "
@@ -313,6 +324,8 @@ class SweepSpec(_SpecSection):
                     raise ValueError(f"{key}: only used with mode: random (mode is {self.mode})")
         if self.negative_prompt is not None and "negative_prompt" in self.axes:
             raise ValueError("negative_prompt: given both as a fixed value and as an axis")
+        if self.mask_image is not None and self.init_image is None:
+            raise ValueError("mask_image: needs init_image (the picture to inpaint)")
         self._axes = [make_axis(name, raw) for name, raw in self.axes.items()]
         sizes = {axis.name: axis.size for axis in self._axes}
         if self.mode == "zip":
@@ -438,13 +451,19 @@ def load_spec(path: str, storage_options: dict[str, Any] | None = None) -> Sweep
     except yaml.YAMLError as error:
         raise SweepSpecError(f"sweep spec {path} is not valid YAML: {error}") from None
     spec = spec_from_dict(data, str(path))
-    prompts_file = spec.prompts_file
-    if prompts_file and not _has_scheme(prompts_file) and not Path(prompts_file).is_absolute():
-        base = str(path).rsplit("/", 1)[0] if "/" in str(path) else "."
-        if not _has_scheme(str(path)):
-            base = str(Path(base).resolve())
-        spec.prompts_file = f"{base}/{prompts_file}"
+    base = str(path).rsplit("/", 1)[0] if "/" in str(path) else "."
+    if not _has_scheme(str(path)):
+        base = str(Path(base).resolve())
+    for key in ("prompts_file", "init_image", "mask_image"):
+        setattr(spec, key, resolve_uri(getattr(spec, key), base))
     return spec
+
+
+def resolve_uri(uri: str | None, base: str) -> str | None:
+    """A relative path taken from `base` (a folder URI); absolute paths and URIs unchanged."""
+    if not uri or _has_scheme(uri) or Path(uri).is_absolute():
+        return uri
+    return f"{base.rstrip('/')}/{uri}"
 
 
 def check_against_config(spec: SweepSpec, generation: GenerationConfig) -> None:

@@ -94,8 +94,8 @@ def test_every_row_once_with_status_and_error(generated):
             assert row["error"] is None
     assert "10 rows" not in generated["result"].stdout
     assert "6 images ok, 4 rows in error" in generated["result"].stdout
-    # Invalid rows are reported before generation, with their messages.
-    assert "4 invalid rows will be recorded with status=error" in generated["result"].stderr
+    # Invalid rows are reported (they cost no generation), with their messages.
+    assert "4 invalid rows recorded with status=error" in generated["result"].stderr
     assert "bad-width: width=100: must be a positive multiple of 8" in generated["result"].stderr
 
 
@@ -200,15 +200,36 @@ def in_process(args, capsys):
     return code, capsys.readouterr()
 
 
-def test_duplicate_ids_refused_before_generation(tmp_path, ray_cluster, capsys):
+def test_duplicate_ids_become_error_rows_naming_the_row_that_keeps_them(
+    tmp_path, ray_cluster, capsys
+):
     source = tmp_path / "dupes.csv"
-    source.write_text("id,prompt\na,x\nb,y\na,z\nc,w\nc,v\n")
+    source.write_text("id,prompt,width\na,x,64\nb,y,64\na,z,64\nc,w,64\nc,v,wide\n")
+    output = tmp_path / "o"
     code, out = in_process(
-        ["generate", "--input", str(source), "--output", str(tmp_path / "o")], capsys
+        [
+            *("generate", "--input", str(source), "--output", str(output), "--no-progress"),
+            *("--set", "generation.steps=1", "--set", "generation.height=64"),
+        ],
+        capsys,
     )
-    assert code == 2
-    assert "duplicate ids" in out.err and "'a'" in out.err and "'c'" in out.err
-    assert not (tmp_path / "o" / "metadata").exists()
+    assert code == 0, out.err
+    rows = read_metadata(output)
+    assert sorted(r["prompt"] for r in rows) == ["v", "w", "x", "y", "z"]  # every row once
+    ids = [r["id"] for r in rows if r["id"] is not None]
+    assert sorted(ids) == ["a", "b", "c"]  # no two rows share an id
+    by_prompt = {r["prompt"]: r for r in rows}
+    for prompt in "xyw":
+        assert by_prompt[prompt]["status"] == "ok"
+    assert by_prompt["z"]["id"] is None and by_prompt["z"]["status"] == "error"
+    assert by_prompt["z"]["error"] == "id='a': also the id of dupes.csv:0, which keeps it"
+    assert by_prompt["v"]["error"] == (
+        "width='wide': must be a positive multiple of 8; "
+        "id='c': also the id of dupes.csv:3, which keeps it"
+    )
+    assert by_prompt["z"]["image_path"] is None and by_prompt["v"]["image_path"] is None
+    assert "2 invalid rows recorded with status=error" in out.err
+    assert "id='a': also the id of dupes.csv:0" in out.err
 
 
 def test_table_without_prompt_column_refused(tmp_path, ray_cluster, capsys):

@@ -1,5 +1,6 @@
-"""`sdray serve` over real HTTP on loopback: OpenAI client, determinism, online == offline,
-batching, every error path, auth, overload and a clean SIGTERM shutdown.
+"""`sdray serve` over real HTTP on loopback: OpenAI client, determinism, online == offline
+(text-to-image, image-to-image and inpainting), batching, every error path, auth, overload and
+a clean SIGTERM shutdown.
 
 One server (a subprocess joined to the session's Ray cluster) serves the whole module.
 """
@@ -21,6 +22,7 @@ from PIL import Image
 
 from sdray.images import read_infotext
 
+from .pictures import masks, scene
 from .serve_harness import ServeProcess, accepts_connections, start_server
 
 pytestmark = pytest.mark.integration
@@ -45,6 +47,7 @@ CONFIG = {
         "max_queued_requests": 4,
         "max_n": 4,
         "max_prompt_chars": 200,
+        "max_upload_bytes": 65_536,  # /v1/generate takes up to ~105 kB (base64 images)
         "retry_after_s": RETRY_AFTER,
         "request_timeout_s": 120,
     },
@@ -109,7 +112,7 @@ def test_healthz_is_open_and_reports_the_loaded_model(server):
 def test_models_lists_the_served_model(client):
     body = client.get("/v1/models").json()
     assert body["object"] == "list"
-    assert [m["id"] for m in body["data"]] == ["tiny"]
+    assert [(m["id"], m["family"]) for m in body["data"]] == [("tiny", "sd")]
 
 
 def test_openai_client_works_unchanged(server):
@@ -177,6 +180,17 @@ OFFLINE_ROWS = [
         "scheduler": "euler",
     },
     {"id": "c", "prompt": "a green cone", "seed": 2**40 + 3, "scheduler": "dpmpp_2m"},
+    # Image-to-image and inpainting from files beside the table; online they are sent as base64.
+    {"id": "i2i", "prompt": "a kite", "init_image": "scene.png", "strength": 0.6, "seed": 5},
+    {
+        "id": "inpaint",
+        "prompt": "a moon",
+        "init_image": "scene.png",
+        "mask_image": "mask.png",
+        "seed": 6,
+        "steps": 5,
+        "scheduler": "euler",
+    },
 ]
 
 
@@ -186,6 +200,9 @@ def test_online_equals_offline(client, server, ray_cluster, tmp_path):
     from sdray.batch import run_generate
     from sdray.config import load_config
 
+    files = {"scene.png": scene(), "mask.png": masks()[1]}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
     source = tmp_path / "prompts.jsonl"
     source.write_text("".join(json.dumps(row) + "\n" for row in OFFLINE_ROWS))
     output = tmp_path / "out"
@@ -196,9 +213,23 @@ def test_online_equals_offline(client, server, ray_cluster, tmp_path):
 
     for row in OFFLINE_ROWS:
         offline = (output / metadata[row["id"]]["image_path"]).read_bytes()
-        online = generate_png(client, **{k: v for k, v in row.items() if k != "id"}).content
+        body = {k: v for k, v in row.items() if k != "id"}
+        for name in ("init_image", "mask_image"):
+            if name in body:
+                body[name] = base64.b64encode(files[body[name]]).decode()
+        online = generate_png(client, **body).content
         assert np.array_equal(pixels(online), pixels(offline)), row["id"]
         assert read_infotext(online) == read_infotext(offline)
+    # An OpenAI edit of the same picture is the same image-to-image row.
+    edit = client.post(
+        "/v1/images/edits",
+        data={"prompt": "a kite", "seed": "5", "strength": "0.6"},
+        files={"image": ("scene.png", files["scene.png"], "image/png")},
+    )
+    assert edit.status_code == 200, edit.text
+    edited = base64.b64decode(edit.json()["data"][0]["b64_json"])
+    offline = (output / metadata["i2i"]["image_path"]).read_bytes()
+    assert np.array_equal(pixels(edited), pixels(offline))
     (online,), _, _ = images(client, size="64x64", seed=11, guidance_scale=7.5, scheduler="ddim")
     offline = (output / metadata["a"]["image_path"]).read_bytes()
     assert np.array_equal(pixels(online), pixels(offline))
@@ -281,7 +312,8 @@ BAD_REQUESTS = [
     (ONE, {"prompt": "a", "steps": 0}, 400, "steps", "invalid_value"),
     (ONE, {"prompt": "a", "scheduler": "nope"}, 400, "scheduler", "invalid_value"),
     (ONE, {"prompt": "a", "n": 2}, 400, "n", "unknown_parameter"),
-    (ONE, b"x" * 20_000, 413, None, "body_too_large"),
+    (ONE, b"x" * 200_000, 413, None, "body_too_large"),
+    (IMAGES, b"x" * 20_000, 413, None, "body_too_large"),
     # Lone surrogates are legal JSON escapes but not text: each is its sender's 400, never a
     # failure of the batch it would have joined.
     (IMAGES, rb'{"prompt": "a \ud800 cube"}', 400, "prompt", "invalid_value"),

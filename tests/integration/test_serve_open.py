@@ -119,9 +119,9 @@ def test_the_benchmark_deploys_one_app_at_a_time_and_deletes_only_its_own(ray_cl
     """On a cluster where Serve already runs another app, the load benchmark deploys batching
     on, then off (never both: one GPU holds one replica), and leaves the other app running."""
     from ray import serve
+    from serve_load import bench_serve
 
     from sdray.config import config_from_dict
-    from sdray.serve.loadgen import bench_serve
 
     @serve.deployment(ray_actor_options={"num_cpus": 0})
     class Keeper:

@@ -382,3 +382,41 @@ def test_partition_columns_read_back_with_their_types(tmp_path, sdray_env):
     rows = {r["id"]: r for r in table.to_pylist()}
     assert rows["a"]["seed"] == 9007199254740993 and rows["a"]["zip"] == "042"
     assert rows["c"]["zip"] is None and {r["status"] for r in rows.values()} == {"ok"}
+
+
+def test_init_images_are_read_from_the_bucket(s3fs_client, s3_env, tmp_path):
+    """Image-to-image rows whose pictures live in S3: relative to the table there, and by URI."""
+    from pathlib import Path
+
+    fs = s3fs_client
+    pictures = Path(__file__).resolve().parents[2] / "configs" / "examples" / "pictures"
+    for name in ("red-circle.png", "mask-right-half.png"):
+        fs.pipe(f"{BUCKET}/i2i/pictures/{name}", (pictures / name).read_bytes())
+    table = pa.table(
+        {
+            "id": ["relative", "absolute", "missing"],
+            "prompt": ["a blue square"] * 3,
+            "init_image": [
+                "pictures/red-circle.png",
+                f"s3://{BUCKET}/i2i/pictures/red-circle.png",
+                "pictures/gone.png",
+            ],
+            "mask_image": [None, f"s3://{BUCKET}/i2i/pictures/mask-right-half.png", None],
+            "width": [64] * 3,
+            "height": [64] * 3,
+            "steps": [2] * 3,
+        }
+    )
+    put_table(fs, f"{BUCKET}/i2i/rows.parquet", table)
+    output = tmp_path / "out"
+    result = run_cli(
+        ["generate", "--input", f"s3://{BUCKET}/i2i/rows.parquet", "--output", str(output)],
+        s3_env,
+    )
+    assert result.returncode == 0, result.stderr
+    rows = {r["id"]: r for r in read_metadata(output)}
+    digest = hashlib.sha256((pictures / "red-circle.png").read_bytes()).hexdigest()
+    assert rows["relative"]["status"] == "ok" and rows["relative"]["mode"] == "img2img"
+    assert rows["absolute"]["status"] == "ok" and rows["absolute"]["mode"] == "inpaint"
+    assert rows["relative"]["init_sha256"] == rows["absolute"]["init_sha256"] == digest
+    assert "init_image='pictures/gone.png': no such file" in rows["missing"]["error"]

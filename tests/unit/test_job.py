@@ -22,22 +22,26 @@ def remaining(root: Path) -> list[str]:
     return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
 
 
+# Shard names as units give them: part-<group>-<unit>-<digest>; images add the run that wrote them.
+DONE, LOST = "part-g1-0000000-d0", "part-g1-0000001-d1"
+
+
 def test_uncommitted_files_shards_are_removed(tmp_path):
     touch(
         tmp_path,
-        "metadata/part-a-00000-0000.parquet",
-        "metadata/.part-a-00001-0000.parquet.1f2e.tmp",  # a killed local write
-        "images/part-a-00000-0000/k1.png",
-        "images/part-a-00001-0000/k2.png",  # images written, metadata never committed
-        "images/part-a-00001-0000/.k3.png.9a8b.tmp",
+        f"metadata/{DONE}.parquet",
+        f"metadata/.{LOST}.parquet.1f2e.tmp",  # a killed local write
+        f"images/{DONE}-run1/k1.png",
+        f"images/{LOST}-run1/k2.png",  # images written, metadata never committed
+        f"images/{LOST}-run1/.k3.png.9a8b.tmp",
         "manifest.json",
     )
     removed = remove_uncommitted(LocalFileSystem(), str(tmp_path), 0, images="files")
     assert removed == 2
     assert remaining(tmp_path) == [
-        "images/part-a-00000-0000/k1.png",
+        f"images/{DONE}-run1/k1.png",
         "manifest.json",
-        "metadata/part-a-00000-0000.parquet",
+        f"metadata/{DONE}.parquet",
     ]
 
 
@@ -45,18 +49,33 @@ def test_uncommitted_files_shards_are_removed(tmp_path):
 def test_uncommitted_container_shards_are_removed_per_partition(tmp_path, suffix):
     touch(
         tmp_path,
-        "metadata/scheduler=ddim/part-a-00000-0000.parquet",
-        f"images/scheduler=ddim/part-a-00000-0000{suffix}",
-        f"images/scheduler=ddim/part-a-00000-0001{suffix}",
-        f"images/scheduler=euler/part-a-00000-0000{suffix}",
-        f"images/scheduler=euler/.part-a-00000-0003{suffix}.77.tmp",
+        f"metadata/scheduler=ddim/{DONE}.parquet",
+        f"images/scheduler=ddim/{DONE}-run1{suffix}",
+        f"images/scheduler=ddim/{LOST}-run1{suffix}",
+        f"images/scheduler=euler/{DONE}-run1{suffix}",  # committed in ddim only
+        f"images/scheduler=euler/.{LOST}-run2{suffix}.77.tmp",
     )
     removed = remove_uncommitted(LocalFileSystem(), str(tmp_path), 1, images="webdataset")
     assert removed == 3
     assert remaining(tmp_path) == [
-        f"images/scheduler=ddim/part-a-00000-0000{suffix}",
-        "metadata/scheduler=ddim/part-a-00000-0000.parquet",
+        f"images/scheduler=ddim/{DONE}-run1{suffix}",
+        f"metadata/scheduler=ddim/{DONE}.parquet",
     ]
+
+
+def test_images_of_an_attempt_that_lost_the_commit_are_removed(tmp_path):
+    """Two runs wrote images for one shard; its metadata names the winner's."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    touch(tmp_path, f"images/{DONE}-won/k1.png", f"images/{DONE}-lost/k1.png")
+    (tmp_path / "metadata").mkdir()
+    pq.write_table(
+        pa.table({"id": ["a"], "image_path": [f"images/{DONE}-won/k1.png"]}),
+        tmp_path / "metadata" / f"{DONE}.parquet",
+    )
+    assert remove_uncommitted(LocalFileSystem(), str(tmp_path), 0, images="files") == 1
+    assert remaining(tmp_path) == [f"images/{DONE}-won/k1.png", f"metadata/{DONE}.parquet"]
 
 
 def test_nothing_to_remove_in_an_empty_output(tmp_path):
@@ -127,7 +146,7 @@ def test_the_fingerprint_records_the_precision_actors_load():
     from sdray.batch.job import fingerprint_parts
     from sdray.config import config_from_dict
 
-    model = {"sha256": "m"}
+    model = {"sha256": "m", "family": "sd"}
 
     def dtype(**fields):
         return fingerprint_parts(config_from_dict({"model": fields}), model)["dtype"]
@@ -154,7 +173,9 @@ def test_outputs_that_recorded_dtype_auto_still_resume():
     from sdray.batch.job import _check_resumable, fingerprint_parts
     from sdray.config import config_from_dict
 
-    parts = fingerprint_parts(config_from_dict({"model": {"device": "cpu"}}), {"sha256": "m"})
+    parts = fingerprint_parts(
+        config_from_dict({"model": {"device": "cpu"}}), {"sha256": "m", "family": "sd"}
+    )
     old = {**parts, "dtype": "auto"}
     _check_resumable({"fingerprint_parts": old, "config": {"model": {"device": "cpu"}}}, parts, "o")
     with pytest.raises(SdrayError, match="dtype: 'float16' -> 'float32'"):

@@ -224,3 +224,40 @@ def test_conform_chunk_when_a_type_changes_past_the_peeked_rows():
     assert [r["status"] for r in rows] == ["ok", "error", "error"]
     with pytest.raises(InputError, match="b.csv: column 'tag' holds string values"):
         conform_chunk(pa.table({"prompt": ["a"], "tag": ["x"]}), (), expected, "b.csv")
+
+
+def test_jsonl_keeps_text_as_text_and_integers_exact():
+    """pyarrow's JSON reader would make dates timestamps and big integers inexact doubles."""
+    table = _jsonl(
+        {"id": 12345678901234567890123, "prompt": "a", "day": "2024-01-01", "seed": 10**20},
+        {"id": 1, "prompt": "b", "day": "2024-01-02", "meta": {"at": "2024-01-01 10:00:00"}},
+    )
+    rows = table.to_pylist()
+    assert [r["id"] for r in rows] == ["12345678901234567890123", "1"]
+    assert [r["day"] for r in rows] == ["2024-01-01", "2024-01-02"]
+    assert rows[1]["meta"] == {"at": "2024-01-01 10:00:00"}
+    prepared = prepare_table(table, CONFIG).to_pylist()
+    assert "100000000000000000000" in prepared[0]["error"]  # every digit, not 1e+20
+    plain = _jsonl({"id": 7, "prompt": "a", "day": "2024-01-01", "n": 2.5})
+    assert plain.to_pylist() == [{"id": "7", "prompt": "a", "day": "2024-01-01", "n": 2.5}]
+
+
+def test_a_chunk_whose_types_change_past_the_peek_is_conformed(tmp_path, monkeypatch):
+    from sdray.batch import read
+
+    monkeypatch.setattr(read, "PEEK_JSON_LINES", 3)
+    lines = [{"prompt": f"p{i}", "width": 64, "tag": i} for i in range(5)]
+    lines += [{"prompt": "late", "width": "wide", "tag": 5}]
+    path = tmp_path / "p.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    file = list_prompt_files(str(path))[0]
+    text, expected = check_prompt_files([file])
+    chunks = [
+        conform_chunk(c, text, expected, "p.jsonl")
+        for c in read.read_prompt_file(file, chunk_rows=3)
+    ]
+    assert [c.schema.field("width").type for c in chunks] == [pa.int64(), pa.int64()]
+    rows = prepare_table(pa.concat_tables(chunks, promote_options="permissive"), CONFIG)
+    rows = rows.to_pylist()
+    assert [r["status"] for r in rows] == ["ok"] * 5 + ["error"]
+    assert rows[5]["error"] == "width='wide': must be an integer"

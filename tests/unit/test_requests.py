@@ -15,7 +15,7 @@ from sdray.requests import (
     validate_row,
 )
 
-CONFIG = GenerationConfig(max_width=256, max_height=256, max_steps=50)
+CONFIG = GenerationConfig(width=128, height=128, max_width=256, max_height=256, max_steps=50)
 
 
 def errors_of(row):
@@ -151,7 +151,7 @@ def test_text_that_is_not_unicode_is_a_row_error():
         ),
         "p.jsonl",
     )
-    rows = {r["id"]: r for r in prepare_table(table, GenerationConfig()).to_pylist()}
+    rows = {r["id"]: r for r in prepare_table(table, CONFIG).to_pylist()}
     assert rows["a"]["status"] == "ok"
     assert rows["b"]["status"] == "error"
     assert rows["b"]["error"] == "prompt='a\\ud800b': is not valid Unicode text"

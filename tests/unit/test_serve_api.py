@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import io
 import time
 
@@ -28,7 +29,9 @@ from sdray.serve.auth import api_key_digests
 
 
 class FakeBackend:
-    """Answers with a flat image per request, or fails (with an error code)/stalls as told."""
+    """Answers with a flat image per request (its init image, for image-to-image), or fails
+    (with an error code)/stalls as told; sends each preview a request asks for, from a thread,
+    as a flat image of the step's value."""
 
     def __init__(
         self,
@@ -41,10 +44,15 @@ class FakeBackend:
         self.config = config_from_dict(
             {
                 "generation": {"width": 64, "height": 64, "steps": 2},
-                "serve": {"request_timeout_s": 0.2, "max_prompt_chars": 100},
+                "serve": {
+                    "request_timeout_s": 0.2,
+                    "max_prompt_chars": 100,
+                    "max_upload_bytes": 30_000,
+                },
             }
         )
         self.model_name = "fake"
+        self.family = "sd"
         self.device = "cpu"
         self.load_seconds = 0.5
         self.loaded_at = time.time()
@@ -57,13 +65,26 @@ class FakeBackend:
     def ready(self) -> bool:
         return self.loaded
 
-    async def generate(self, requests):
+    def incoming(self):
+        return contextlib.nullcontext()
+
+    async def generate(self, requests, on_preview=None):
         self.seen.extend(requests)
+        if on_preview is not None:
+
+            def previews():
+                for index, r in enumerate(requests):
+                    for step in r.preview_at:
+                        on_preview(index, step, np.full((r.height, r.width, 3), step, np.uint8))
+
+            await asyncio.to_thread(previews)
         await asyncio.sleep(self.stall_s)
         return [
             ImageOutcome(
                 image=None
                 if self.fail
+                else r.init_image
+                if r.init_image is not None
                 else np.full((r.height, r.width, 3), r.seed % 256, np.uint8),
                 error=self.fail,
                 truncated=False,
@@ -252,7 +273,7 @@ def test_unexpected_exceptions_are_500s_with_an_openai_body():
 
 
 def test_load_generator_is_bounded_and_reads_the_serving_headers():
-    from sdray.serve.loadgen import (
+    from serve_load import (
         batching_gain,
         request_bodies,
         round_order,

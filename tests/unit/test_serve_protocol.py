@@ -251,6 +251,7 @@ def test_deployment_options_map_the_serve_config():
                 "target_ongoing_requests": 1.5,
                 "upscale_delay_s": 2,
                 "downscale_delay_s": 30,
+                "look_back_period_s": 5,
                 "max_ongoing_requests": 6,
                 "max_queued_requests": 12,
                 "overload_status_code": 429,
@@ -267,6 +268,7 @@ def test_deployment_options_map_the_serve_config():
         "target_ongoing_requests": 1.5,
         "upscale_delay_s": 2,
         "downscale_delay_s": 30,
+        "look_back_period_s": 5,
     }
     assert options["max_ongoing_requests"] == 6
     assert options["max_queued_requests"] == 12
@@ -275,6 +277,12 @@ def test_deployment_options_map_the_serve_config():
     assert GRACEFUL_SHUTDOWN_MARGIN_S > 0
     assert options["backpressure_config"] == {"status_code": 429, "retry_after_s": 3}
     assert deployment_options(config, "cuda")["ray_actor_options"] == {
+        "num_cpus": 0.25,
+        "num_gpus": 1.0,
+    }
+    # The testing switch: replicas reserve a GPU each while the engine runs on CPU.
+    config.model.reserve_gpus_on_cpu = True
+    assert deployment_options(config, "cpu")["ray_actor_options"] == {
         "num_cpus": 0.25,
         "num_gpus": 1.0,
     }
@@ -325,6 +333,12 @@ def test_app_builder_args_are_checked():
         ServeAppArgs.model_validate({"confg": "x.yaml"})
 
 
+def reachable_model(args: dict) -> dict:
+    """The app's args with the embedded model: building the app checks the model's files,
+    and the GPU config's model lives in a bucket this test cannot reach."""
+    return {**args, "overrides": [*args.get("overrides", []), "model.source=tiny"]}
+
+
 @pytest.mark.parametrize("name", ["serve.yaml", "serve-gpu.yaml"])
 def test_serve_config_files_build_the_app(name):
     from pathlib import Path
@@ -336,7 +350,7 @@ def test_serve_config_files_build_the_app(name):
     schema = ServeDeploySchema.model_validate(yaml.safe_load(path.read_text()))
     (app,) = schema.applications
     assert app.import_path == "sdray.serve:build_app"
-    built = build_app(app.args)
+    built = build_app(reachable_model(app.args))
     config = SdrayConfig.model_validate(built._bound_deployment.init_args[0])
     options = built._bound_deployment.ray_actor_options
     assert schema.http_options.request_timeout_s == config.serve.request_timeout_s
@@ -355,7 +369,7 @@ def test_the_kuberay_service_serves_the_gpu_config_and_fits_its_worker_group():
     (app,) = schema.applications
     gpu_file = yaml.safe_load((root / "configs" / "serve-gpu.yaml").read_text())
     assert app.args == gpu_file["applications"][0]["args"]  # one config, kept in two places
-    built = build_app(app.args)
+    built = build_app(reachable_model(app.args))
     config = SdrayConfig.model_validate(built._bound_deployment.init_args[0])
     assert config.serve.max_replicas > 1
     assert schema.http_options.request_timeout_s == config.serve.request_timeout_s

@@ -29,16 +29,17 @@ class FlakyEngine:
         self.fail = fail
         self.calls: list[list[str]] = []
         self.model_name = engine.model_name
+        self.plan = engine.plan
         self.device = engine.device
         self.load_seconds = engine.load_seconds
         self.max_batch_size = engine.max_batch_size
 
-    def generate(self, requests):
+    def generate(self, requests, on_preview=None):
         self.calls.append([r.id for r in requests])
         error = self.fail(requests) if self.fail else None
         if error is not None:
             raise error
-        return self.engine.generate(requests)
+        return self.engine.generate(requests, on_preview=on_preview)
 
 
 @pytest.fixture

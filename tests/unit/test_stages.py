@@ -24,6 +24,8 @@ PARAMS = dict(
     model="tiny",
 )
 
+GENERATION = GenerationConfig(width=64, height=64)  # as a job resolves it from the model
+
 
 @pytest.fixture(scope="module")
 def generate_stage(model_cache):
@@ -41,7 +43,7 @@ def test_stages_chain_keeps_every_row_and_column(generate_stage):
             "extra": [1, 2, 3],
         }
     )
-    prepared = PrepareStage(GenerationConfig())(table)
+    prepared = PrepareStage(GENERATION)(table)
     generated = generate_stage(prepared)
     assert generated.column("status").to_pylist() == ["ok", "error", "ok"]
     assert generated.column("truncated").to_pylist() == [False, None, False]
@@ -63,7 +65,7 @@ def test_stage_names_missing_columns(generate_stage):
 
 
 def test_engine_failure_becomes_an_error_row(generate_stage, monkeypatch):
-    prepared = PrepareStage(GenerationConfig())(
+    prepared = PrepareStage(GENERATION)(
         pa.table({"id": ["a", "b"], "prompt": ["x", "y"], "steps": [2, 2]})
     )
 
@@ -113,7 +115,7 @@ def test_mostly_failing_run_is_aborted(model_cache, monkeypatch):
         raise RuntimeError("NaN everywhere (simulated)")
 
     monkeypatch.setattr(stage.engine, "generate", always_fail)
-    prepared = PrepareStage(GenerationConfig())(pa.table({"prompt": ["a", "b"], "steps": [1, 1]}))
+    prepared = PrepareStage(GENERATION)(pa.table({"prompt": ["a", "b"], "steps": [1, 1]}))
     out = stage(prepared)  # 2 of 2 failed, but fewer rows than the budget's minimum
     assert out.column("status").to_pylist() == ["error", "error"]
     with pytest.raises(ErrorBudgetExceeded, match="4 of 4 rows failed"):
@@ -132,6 +134,6 @@ def test_device_fault_ends_the_actor_instead_of_failing_rows(generate_stage, mon
 
     monkeypatch.setattr(generate_stage.engine, "generate", cuda_fault)
     monkeypatch.setattr(stages, "_exit_actor", exit_actor)
-    prepared = PrepareStage(GenerationConfig())(pa.table({"prompt": ["a", "b"], "steps": [1, 1]}))
+    prepared = PrepareStage(GENERATION)(pa.table({"prompt": ["a", "b"], "steps": [1, 1]}))
     with pytest.raises(SystemExit, match="actor exited"):
         generate_stage(prepared)

@@ -1,4 +1,6 @@
-"""A bounded closed-loop load generator for the HTTP API, and the serving benchmark built on it.
+"""A bounded closed-loop load generator (httpx clients) for the HTTP API, and the serving
+benchmark built on it. A benchmark tool, not part of the installed package: pipelines/bench_serve.py
+runs it, and the tests import it from here.
 
 Each load run has `concurrency` clients sending requests back to back until a fixed request
 count or a time limit is reached. Latency is measured at the client; engine time, queue time and
@@ -15,13 +17,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
 import statistics
 import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
+
+import numpy as np
 
 from sdray.config import SdrayConfig
 from sdray.serve.api import BATCH_SIZE, ENGINE_MS, QUEUE_MS
@@ -85,15 +88,11 @@ def _median(values: list[float]) -> float | None:
 
 
 def _percentiles(values: list[float]) -> dict[str, float | None]:
-    """Nearest-rank p50/p95/p99: always an observed value."""
+    """Nearest-rank p50/p95/p99 (numpy's inverted CDF): always an observed value."""
     if not values:
         return {"p50": None, "p95": None, "p99": None}
-    ordered = sorted(values)
-
-    def at(q: float) -> float:
-        return round(ordered[max(0, math.ceil(q * len(ordered)) - 1)], 2)
-
-    return {"p50": at(0.50), "p95": at(0.95), "p99": at(0.99)}
+    p50, p95, p99 = np.percentile(values, [50, 95, 99], method="inverted_cdf")
+    return {"p50": round(float(p50), 2), "p95": round(float(p95), 2), "p99": round(float(p99), 2)}
 
 
 async def run_load(

@@ -1,0 +1,220 @@
+"""Units, id claims and commits without a cluster: what makes the offline job a stream that
+writes every row once."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from sdray.batch.ids import ClaimStore, digests
+from sdray.batch.read import inspect_prompt_files, list_prompt_files
+from sdray.batch.units import (
+    InputChanged,
+    PrepareUnits,
+    parse_unit_name,
+    plan_read_tasks,
+    read_units,
+    unpack,
+)
+from sdray.config import GenerationConfig
+
+
+def _parquet(path, start: int, rows: int, row_group_size: int = 4) -> None:
+    table = pa.table({"id": [f"r{i}" for i in range(start, start + rows)], "prompt": ["p"] * rows})
+    pq.write_table(table, path, row_group_size=row_group_size)
+
+
+def _planned(root, rows_per_unit: int):
+    files = list_prompt_files(str(root))
+    for index, file in enumerate(files):
+        file["index"] = index
+    text, expected, _ = inspect_prompt_files(files)
+    return plan_read_tasks(files, rows_per_unit), text, expected
+
+
+def _read_all(root, rows_per_unit: int) -> list[tuple[str, int, list[str]]]:
+    tasks, text, expected = _planned(root, rows_per_unit)
+    return [
+        (task["group"], index, table.column("id").to_pylist())
+        for task in tasks
+        for index, table in read_units(task, rows_per_unit, text, expected)
+    ]
+
+
+def test_units_span_parquet_files_and_each_stripe_reads_only_its_rows(tmp_path, monkeypatch):
+    from sdray.batch import units
+
+    monkeypatch.setattr(units, "READ_TASK_ROWS", 6)  # stripes of 2 units of 3 rows
+    _parquet(tmp_path / "a.parquet", 0, 5)
+    _parquet(tmp_path / "b.parquet", 5, 5)
+    tasks, _, _ = _planned(tmp_path, 3)
+    assert [(t["first_unit"], t["units"]) for t in tasks] == [(0, 2), (2, 2)]
+    assert [(f["source"], f["start"], f["stop"]) for f in tasks[1]["files"]] == [
+        ("b.parquet", 1, 5)
+    ]
+    units = _read_all(tmp_path, 3)
+    assert [(i, ids) for _, i, ids in units] == [
+        (0, ["r0", "r1", "r2"]),
+        (1, ["r3", "r4", "r5"]),  # across the two files
+        (2, ["r6", "r7", "r8"]),
+        (3, ["r9"]),  # only the table's last unit is short
+    ]
+    assert len({group for group, _, _ in units}) == 1
+
+
+def test_text_files_are_read_whole_and_grouped_by_size(tmp_path, monkeypatch):
+    from sdray.batch import units
+
+    (tmp_path / "a.csv").write_text("id,prompt\na0,x\na1,x\n")
+    (tmp_path / "b.jsonl").write_text(
+        '{"id": "b0", "prompt": "y"}\n\n{"id": "b1", "prompt": "y"}\n'
+    )
+    _parquet(tmp_path / "c.parquet", 0, 2)
+    (tmp_path / "d.csv").write_text("id,prompt\nd0,z\n")
+    assert [ids for _, _, ids in _read_all(tmp_path, 3)] == [
+        ["a0", "a1", "b0"],  # consecutive text files: one group, one task
+        ["b1"],
+        ["r0", "r1"],
+        ["d0"],
+    ]
+    monkeypatch.setattr(units, "TEXT_GROUP_BYTES", 10)
+    tasks, _, _ = _planned(tmp_path, 3)
+    assert [[f["source"] for f in t["files"]] for t in tasks] == [
+        ["a.csv"],
+        ["b.jsonl"],
+        ["c.parquet"],
+        ["d.csv"],
+    ]
+
+
+def test_a_unit_name_says_which_rows_it_holds(tmp_path):
+    (tmp_path / "p.csv").write_text("id,prompt\na,x\nb,y\n")
+    tasks, text, expected = _planned(tmp_path, 10)
+    prepare = PrepareUnits(
+        GenerationConfig(width=64, height=64),
+        rows_per_unit=10,
+        text_columns=text,
+        expected=expected,
+        partition_by=[],
+        order_by=[],
+    )
+    batch = pa.table({"task": [json.dumps(tasks[0])]})
+    (row,) = [r for t in prepare(batch) for r in t.to_pylist()]
+    group, index, digest = parse_unit_name(row["unit"])
+    assert (index, row["rows"], row["done"]) == (0, 2, 0)
+    assert unpack(row["table"]).column("id").to_pylist() == ["a", "b"]
+    # Resuming: a committed unit is skipped, and only if the input still holds its rows.
+    tasks[0]["committed"] = {"0": {"digest": digest, "pieces": [""]}}
+    (done,) = [
+        r for t in prepare(pa.table({"task": [json.dumps(tasks[0])]})) for r in t.to_pylist()
+    ]
+    assert (done["rows"], done["done"], done["table"]) == (2, 2, None)
+    (tmp_path / "p.csv").write_text("id,prompt\na,x\nc,y\n")
+    with pytest.raises(InputChanged, match="the input changed since the run began"):
+        list(prepare(pa.table({"task": [json.dumps(tasks[0])]})))
+
+
+def test_the_first_claim_of_an_id_wins_and_claims_repeat_safely():
+    store = ClaimStore()
+
+    def claim(ids, owners):
+        return store.claim(*digests(ids), np.array(owners)).tolist()
+
+    assert claim(["a", "b", "a"], [5, 6, 2]) == [2, 6, 2]  # the smallest claimant
+    assert claim(["a"], [5]) == [2]  # a later row loses
+    assert claim(["a"], [2]) == [2]  # a retried task still wins
+    rng = np.random.default_rng(0)
+    owners: dict[int, int] = {}
+    for start in range(0, 20_000, 1000):  # many batches: sorted runs merge as they grow
+        ids = rng.integers(0, 5000, 1000)
+        positions = np.arange(start, start + 1000)
+        won = claim([f"x{i}" for i in ids], positions)
+        for i, p, w in zip(ids.tolist(), positions.tolist(), won, strict=True):
+            assert w == owners.setdefault(i, p)
+    assert len(store) == 2 + len(owners) and len(store.runs) <= 15
+
+
+def test_digests_equal_in_one_half_are_still_different_ids():
+    store = ClaimStore()
+    hi = np.array([7, 7, 7, 8], np.uint64)
+    lo = np.array([1, 2, 1, 1], np.uint64)
+    assert store.claim(hi, lo, np.array([10, 11, 12, 13])).tolist() == [10, 11, 10, 13]
+    assert store.claim(hi[1:2], np.array([3], np.uint64), np.array([14])).tolist() == [14]
+    assert store.owners(hi, lo).tolist() == [10, 11, 10, 13]
+
+
+def _generated_unit(name: str, n: int = 3) -> pa.Table:
+    """A unit as the encode stage hands it to the sink: rows with their encoded images."""
+    from sdray.batch.stages import IMAGE_COLUMN
+    from sdray.batch.units import unit_row
+    from sdray.requests import prepare_table
+
+    rows = prepare_table(
+        pa.table({"id": [f"k{i}" for i in range(n)], "prompt": ["p"] * n}), GenerationConfig(width=64, height=64)
+    )
+    rows = rows.append_column("model", pa.array(["tiny"] * n))
+    rows = rows.append_column("truncated", pa.array([False] * n))
+    rows = rows.append_column(IMAGE_COLUMN, pa.array([b"png-%d" % i for i in range(n)]))
+    rows = rows.append_column("sha256", pa.array(["x"] * n))
+    return unit_row(name, n, 0, rows)
+
+
+def _sink(output, run_id: str, lease_run: str | None = None, fmt: str = "webdataset"):
+    from sdray.batch.sink import ImageDatasink
+
+    return ImageDatasink(
+        str(output),
+        output_format=fmt,
+        image_format="png",
+        partition_by=[],
+        run_id=run_id,
+        lease_run=lease_run,
+    )
+
+
+UNIT = "part-0123456789ab-0000004-deadbeef"
+
+
+def files(root) -> list[str]:
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+
+
+@pytest.mark.parametrize("fmt", ["files", "webdataset", "parquet"])
+def test_a_shard_is_committed_once_however_often_it_is_written(tmp_path, fmt):
+    """A write task retried after its node was lost (it had committed), or a run resumed over
+    it: the same unit is written again, and its shard is not."""
+    first = _sink(tmp_path, "run1", fmt=fmt).write([_generated_unit(UNIT)], None)
+    assert (first["shards"], first["rows"], first["ok"]) == (1, 3, 3)
+    before = files(tmp_path)
+    again = _sink(tmp_path, "run2", fmt=fmt).write([_generated_unit(UNIT)], None)
+    assert again == {**again, "committed_elsewhere": 3} and "shards" not in again
+    assert files(tmp_path) == before
+    assert pq.read_table(tmp_path / "metadata" / f"{UNIT}.parquet").num_rows == 3
+
+
+def test_an_attempt_that_loses_the_commit_removes_its_images(tmp_path, monkeypatch):
+    from sdray.batch import sink
+
+    def other_attempt_commits(fs, root, run):  # between this attempt's images and its commit
+        (tmp_path / "metadata").mkdir(exist_ok=True)
+        (tmp_path / "metadata" / f"{UNIT}.parquet").write_bytes(b"the other attempt's")
+
+    monkeypatch.setattr(sink, "check_held", other_attempt_commits)
+    stats = _sink(tmp_path, "run2").write([_generated_unit(UNIT)], None)
+    assert stats["committed_elsewhere"] == 3
+    assert files(tmp_path) == [f"metadata/{UNIT}.parquet"]
+
+
+def test_a_run_that_lost_the_lease_commits_nothing(tmp_path):
+    from sdray.batch.lease import LEASE, LeaseLost
+
+    (tmp_path / LEASE).write_text(json.dumps({"run": "newer", "host": "elsewhere", "pid": 7}))
+    with pytest.raises(LeaseLost, match="run older no longer holds the output's lease"):
+        _sink(tmp_path, "run1", lease_run="older").write([_generated_unit(UNIT)], None)
+    assert files(tmp_path) == [LEASE]
+    held = _sink(tmp_path, "run2", lease_run="newer").write([_generated_unit(UNIT)], None)
+    assert held["shards"] == 1
