@@ -154,7 +154,8 @@ def _generated_unit(name: str, n: int = 3) -> pa.Table:
     from sdray.requests import prepare_table
 
     rows = prepare_table(
-        pa.table({"id": [f"k{i}" for i in range(n)], "prompt": ["p"] * n}), GenerationConfig(width=64, height=64)
+        pa.table({"id": [f"k{i}" for i in range(n)], "prompt": ["p"] * n}),
+        GenerationConfig(width=64, height=64),
     )
     rows = rows.append_column("model", pa.array(["tiny"] * n))
     rows = rows.append_column("truncated", pa.array([False] * n))
