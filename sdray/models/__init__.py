@@ -176,9 +176,8 @@ def _listing_hash(listing: dict[str, dict[str, Any]]) -> str:
 
 
 def _download(source: str, fs, base: str, files: dict[str, dict[str, Any]]):
-    """Fill a directory with `files` of a remote model, one by one, each with retries."""
-    from sdray.storage import with_retries
-
+    """Fill a directory with `files` of a remote model, one by one (the store's client retries
+    transient errors)."""
     for relative in files:
         if any(part in ("", ".", "..") for part in relative.split("/")):
             raise ModelError(f"model {source!r}: refusing the file name {relative!r}")
@@ -187,10 +186,7 @@ def _download(source: str, fs, base: str, files: dict[str, dict[str, Any]]):
         for relative, info in files.items():
             local = tmp / relative
             local.parent.mkdir(parents=True, exist_ok=True)
-            with_retries(
-                lambda r=relative, local=local: fs.get_file(base + r, str(local)),
-                f"downloading {base + relative}",
-            )
+            fs.get_file(base + relative, str(local))
             if info.get("size") is not None and local.stat().st_size != info["size"]:
                 raise ModelError(
                     f"model {source!r} changed while it was being copied ({relative}); try again"
