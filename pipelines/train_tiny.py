@@ -31,6 +31,11 @@ def main(argv: list[str]) -> int:
         "--vae-from", type=Path, help="reuse this model directory's VAE instead of training one"
     )
     parser.add_argument(
+        "--unet-from",
+        type=Path,
+        help="continue training this model directory's UNet and text encoder",
+    )
+    parser.add_argument(
         "--evaluate-only",
         action="store_true",
         help="only measure the model in --output (e.g. of a run stopped early) into its record",
@@ -52,7 +57,7 @@ def main(argv: list[str]) -> int:
     if args.evaluate_only:
         add_quality(args.output, settings.eval_prompts, log)
         return 0
-    record = train(args.output, settings, log, vae_from=args.vae_from)
+    record = train(args.output, settings, log, vae_from=args.vae_from, unet_from=args.unet_from)
     log(
         f"done: wall {record['training_wall_seconds']:.0f}s, "
         f"CPU {record['training_cpu_seconds']:.0f}s; model in {args.output}"

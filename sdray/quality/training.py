@@ -179,10 +179,12 @@ def train_unet(
     s: TrainSettings,
     log: Callable[[str], None],
     checkpoint: Callable[[int, object, object, list], None] | None = None,
+    init: Path | None = None,
 ):
     """UNet and text encoder trained together to predict the noise (epsilon), with caption
     dropout; returns their exponential moving averages (also passed to `checkpoint` now and
-    then, with the step and the loss history)."""
+    then, with the step and the loss history). `init`: a model directory whose UNet and text
+    encoder to continue from, instead of fresh weights."""
     import copy
 
     import torch
@@ -192,8 +194,13 @@ def train_unet(
     from sdray.models.tiny import SCHEDULER_CONFIG, UNET_CONFIG, text_encoder_config
 
     torch.manual_seed(s.seed)
-    unet = UNet2DConditionModel(**UNET_CONFIG)
-    text_encoder = CLIPTextModel(CLIPTextConfig(**text_encoder_config(len(tokenizer))))
+    if init is None:
+        unet = UNet2DConditionModel(**UNET_CONFIG)
+        text_encoder = CLIPTextModel(CLIPTextConfig(**text_encoder_config(len(tokenizer))))
+    else:
+        unet = UNet2DConditionModel.from_pretrained(init / "unet", torch_dtype=torch.float32)
+        text_encoder = CLIPTextModel.from_pretrained(init / "text_encoder").float()
+    unet.train(), text_encoder.train()
     ema_unet, ema_text = copy.deepcopy(unet), copy.deepcopy(text_encoder)
     for module in (ema_unet, ema_text):
         module.requires_grad_(False)
@@ -275,12 +282,13 @@ def evaluate_in_process(directory: Path, count: int, held_out: bool = True) -> d
     through the engine in this process (the Ray pipeline's figures: pipelines/eval_quality.py)."""
     from sdray.config import GenerationConfig
     from sdray.engine import DiffusionEngine
-    from sdray.models import ModelFiles
+    from sdray.models import ModelFiles, plan_directory
     from sdray.quality.scorer import accuracy, score
     from sdray.requests import GenerationRequest
 
     defaults = GenerationConfig()
-    engine = DiffusionEngine(ModelFiles("trained", directory, "trained"), device="cpu")
+    files = ModelFiles("trained", directory, "trained", plan_directory(directory, str(directory)))
+    engine = DiffusionEngine(files, device="cpu")
     requests = [
         GenerationRequest(
             id=row["id"],
@@ -317,13 +325,15 @@ def train(
     s: TrainSettings,
     log: Callable[[str], None] = print,
     vae_from: Path | None = None,
+    unet_from: Path | None = None,
 ) -> dict:
     """Train every part, save the model into `output`, and record settings, losses, times and
     held-out quality in `output/training.json`.
 
     Every `checkpoint_every` UNet steps the model and its record so far are saved, so a run
     stopped early leaves a usable model of the steps it made. `vae_from`: a model directory
-    whose VAE to reuse instead of training one.
+    whose VAE to reuse instead of training one; `unet_from`: one whose UNet and text encoder to
+    continue training (its record's UNet steps are added to this run's).
     """
     import tempfile
 
@@ -364,6 +374,8 @@ def train(
         return {
             "settings": {**asdict(s), "unet_steps": unet_steps},
             "vae_from": str(vae_from) if vae_from else None,
+            "unet_from": str(unet_from) if unet_from else None,
+            "unet_steps_before": steps_before,
             "world": {
                 "colours": list(world.COLOURS),
                 "shapes": list(world.SHAPES),
@@ -384,6 +396,10 @@ def train(
             "torch": torch.__version__,
         }
 
+    steps_before = 0
+    if unet_from is not None and (unet_from / "training.json").is_file():
+        earlier = json.loads((unet_from / "training.json").read_text())
+        steps_before = earlier.get("unet_steps_before", 0) + earlier["settings"]["unet_steps"]
     with tempfile.TemporaryDirectory() as scratch:
         tokenizer_dir = Path(scratch) / "tokenizer"
         write_tokenizer(tokenizer_dir, world.vocabulary())
@@ -395,7 +411,7 @@ def train(
             log(f"snapshot of step {step} saved in {output}")
 
         unet, text_encoder, unet_history = train_unet(
-            scenes, means, stds, scaling_factor, tokenizer, s, log, snapshot
+            scenes, means, stds, scaling_factor, tokenizer, s, log, snapshot, init=unet_from
         )
         snapshot(s.unet_steps, unet, text_encoder, unet_history)
     return add_quality(output, s.eval_prompts, log)
