@@ -29,7 +29,7 @@ STEP_COUNTS = (5, 10, 20, 40)
 GUARD_PROMPTS = 12
 GUARD_SEED = 7
 GUARD_SCHEDULERS = ("ddim", "euler")
-GUARD_THRESHOLDS = {"colour": 0.75, "shape": 0.6, "position": 0.6}
+GUARD_THRESHOLDS = {"colour": 0.8, "shape": 0.5}
 
 
 @dataclass(frozen=True)
