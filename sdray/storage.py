@@ -6,56 +6,15 @@ import contextlib
 import json
 import logging
 import os
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any, TypeVar
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from sdray.errors import SdrayError
-
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-# Errors that no retry can fix; anything else from a store (throttling, resets, 5xx) is retried.
-PERMANENT_ERRORS = (
-    FileNotFoundError,
-    PermissionError,
-    IsADirectoryError,
-    ValueError,
-    TypeError,
-    SdrayError,  # the data itself is wrong: say so at once
-)
-
-
-def with_retries(action: Callable[[], T], what: str, attempts: int = 5, delay: float = 0.5) -> T:
-    """Run a storage action, retrying transient failures with exponential backoff.
-
-    Being retired: s3fs and botocore retry by themselves (see `filesystem`), so this only
-    stacks more retries on theirs. Callers left: sdray/models, batch/read.py, batch/lease.py
-    and sweep/contact_sheets.py.
-    """
-    for attempt in range(1, attempts + 1):
-        try:
-            return action()
-        except PERMANENT_ERRORS:
-            raise
-        except Exception as error:  # noqa: BLE001 - stores raise many transient types
-            if attempt == attempts:
-                raise
-            log.warning(
-                "%s failed (%s: %s); retry %d/%d",
-                what,
-                type(error).__name__,
-                error,
-                attempt,
-                attempts - 1,
-            )
-            time.sleep(delay * 2 ** (attempt - 1))
-    raise AssertionError("unreachable")
-
-
 # Transient object store errors (throttling, resets, 5xx) are retried by the libraries: s3fs
 # retries each call (its `retries`, 5 by default), botocore each request, here in its "standard"
 # mode (exponential backoff with jitter) unless storage_options set `config_kwargs.retries`.

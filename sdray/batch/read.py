@@ -22,7 +22,7 @@ from sdray.requests import (
     SOURCE_COLUMN,
     is_unicode_text,
 )
-from sdray.storage import filesystem, is_local, with_retries
+from sdray.storage import filesystem, is_local
 
 FORMATS = {
     ".parquet": "parquet",
@@ -412,10 +412,7 @@ def peek_schemas(
     remote = not is_local(fs)
 
     def peek(file: dict[str, Any]) -> pa.Schema:
-        def attempt() -> pa.Schema:
-            return peek_schema(file, storage_options)
-
-        return with_retries(attempt, f"reading {file['uri']}") if remote else attempt()
+        return peek_schema(file, storage_options)  # transient store errors: s3fs/botocore retry
 
     if len(files) == 1:
         return [peek(files[0])]

@@ -176,9 +176,8 @@ def _listing_hash(listing: dict[str, dict[str, Any]]) -> str:
 
 
 def _download(source: str, fs, base: str, files: dict[str, dict[str, Any]]):
-    """Fill a directory with `files` of a remote model, one by one, each with retries."""
-    from sdray.storage import with_retries
-
+    """Fill a directory with `files` of a remote model, one by one (the store's client retries
+    transient errors)."""
     for relative in files:
         if any(part in ("", ".", "..") for part in relative.split("/")):
             raise ModelError(f"model {source!r}: refusing the file name {relative!r}")
@@ -187,10 +186,7 @@ def _download(source: str, fs, base: str, files: dict[str, dict[str, Any]]):
         for relative, info in files.items():
             local = tmp / relative
             local.parent.mkdir(parents=True, exist_ok=True)
-            with_retries(
-                lambda r=relative, local=local: fs.get_file(base + r, str(local)),
-                f"downloading {base + relative}",
-            )
+            fs.get_file(base + relative, str(local))
             if info.get("size") is not None and local.stat().st_size != info["size"]:
                 raise ModelError(
                     f"model {source!r} changed while it was being copied ({relative}); try again"
@@ -242,9 +238,9 @@ def resolve_model(
 
 
 def _tiny():
-    from sdray.models.tiny import TINY_VERSION, build_tiny_model
+    from sdray.models.tiny import build_tiny_model, shipped_version
 
-    return TINY_VERSION, build_tiny_model
+    return shipped_version(), build_tiny_model
 
 
 def _tiny_xl():
@@ -253,7 +249,8 @@ def _tiny_xl():
     return TINY_XL_VERSION, build_tiny_xl_model
 
 
-# Models built in code (no download): name -> (cache version, builder), imported on use.
+# Embedded models (no download): name -> (cache version, builder), imported on use. `tiny`
+# is trained here and shipped in the package; `tiny-xl` is built in code with random weights.
 EMBEDDED = {"tiny": _tiny, "tiny-xl": _tiny_xl}
 
 

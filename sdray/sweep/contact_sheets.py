@@ -230,7 +230,7 @@ def read_images(
     """The encoded images `members` of one container, reading it once: a tar shard streamed
     member by member, a Parquet shard's `key`/`image` (or `strip`) columns, or a single image
     file (member "")."""
-    from sdray.storage import join, with_retries
+    from sdray.storage import join
 
     path = join(root, container)
 
@@ -254,7 +254,7 @@ def read_images(
         keys, images = table.column("key").to_pylist(), table.column(column)
         return {k: images[i].as_py() for i, k in enumerate(keys) if k in members}
 
-    return with_retries(read, f"reading {path}")
+    return read()
 
 
 def _read_metadata_shard(fs, metadata_root: str, path: str) -> pa.Table:
@@ -262,19 +262,14 @@ def _read_metadata_shard(fs, metadata_root: str, path: str) -> pa.Table:
     import pyarrow.dataset as pads
     from pyarrow.fs import FSSpecHandler, PyFileSystem
 
-    from sdray.storage import with_retries
-
-    def read() -> pa.Table:
-        dataset = pads.dataset(
-            [path],
-            filesystem=PyFileSystem(FSSpecHandler(fs)),
-            format="parquet",
-            partitioning="hive",
-            partition_base_dir=metadata_root,
-        )
-        return dataset.to_table()
-
-    return with_retries(read, f"reading {path}")
+    dataset = pads.dataset(
+        [path],
+        filesystem=PyFileSystem(FSSpecHandler(fs)),
+        format="parquet",
+        partitioning="hive",
+        partition_base_dir=metadata_root,
+    )
+    return dataset.to_table()
 
 
 def _shrunk(image, size: int):
@@ -721,7 +716,7 @@ class _SheetIndex:
 
     def save(self) -> None:
         """Close the index and move it into place."""
-        from sdray.storage import is_local, with_retries
+        from sdray.storage import is_local
 
         self._file.write(f'\n], "count": {self.count}}}\n')
         self._file.close()
@@ -729,8 +724,7 @@ class _SheetIndex:
             if is_local(self.fs):
                 os.replace(self._file.name, self.path)
             else:
-                put = lambda: self.fs.put_file(self._file.name, self.path)  # noqa: E731
-                with_retries(put, f"writing {self.path}")
+                self.fs.put_file(self._file.name, self.path)
         finally:
             if os.path.exists(self._file.name):
                 os.unlink(self._file.name)
@@ -791,7 +785,7 @@ def write_contact_sheets(
     `contact_sheets/index.json`; the result keeps the first `gallery.max_sheets` of them and the
     gallery's sample of rows (at most `gallery.max_images`).
     """
-    from sdray.storage import filesystem, join, with_retries
+    from sdray.storage import filesystem, join
 
     plan = SheetPlan.from_record(record)
     gallery = record.get("gallery") or {}
@@ -834,5 +828,5 @@ def write_contact_sheets(
         if r["status"] == "ok" and r.get("preview_path")
     ]
     if extra_thumbs:  # the few sampled past the cap (see sample_rate)
-        with_retries(lambda: fs.rm(extra_thumbs), "removing thumbnails past the cap")
+        fs.rm(extra_thumbs)
     return SweepViews(index.count, index.listed(), shown, rows)
