@@ -87,20 +87,24 @@ def break_engine(kind: str) -> None:
 
 
 def start_ray(breakage: str | None) -> None:
-    """Start or join Ray like `sdray generate`, with the breakage as every worker's setup hook."""
+    """Start or join Ray like `sdray generate` (the driver's forwarded variables set in every
+    worker by a setup hook), with the breakage added to that hook."""
     import ray
 
-    from sdray.batch.job import FORWARDED_ENV_PREFIXES
+    from sdray.batch.cluster import forwarded_env
 
-    env = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIXES)}
-    runtime_env: dict = {"env_vars": env} if env else {}
-    if breakage:
+    env = forwarded_env()
 
-        def setup_hook() -> None:  # a named function: Ray exports it by value
+    def setup_hook() -> None:  # a named function: Ray exports it by value
+        os.environ.update(env)
+        if breakage:
             break_engine(breakage)
 
-        runtime_env["worker_process_setup_hook"] = setup_hook
-    ray.init(include_dashboard=False, logging_level="WARNING", runtime_env=runtime_env or None)
+    ray.init(
+        include_dashboard=False,
+        logging_level="WARNING",
+        runtime_env={"worker_process_setup_hook": setup_hook},
+    )
 
 
 def main(argv: list[str]) -> int:

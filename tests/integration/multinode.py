@@ -1,11 +1,10 @@
 """A real multi-node Ray cluster on this machine: `ray start --head` plus `ray start --address`
 worker nodes, each a separate raylet with its own resources, environment and model cache.
 
-Each node is one `ray start --block` process (its own process group, explicit free ports, a
-private --temp-dir shared by the cluster), so a test can lose a node the way a cloud does: kill
-its whole process tree, or drain it first (`ray drain-node`, a preemption notice). A node can be
-started in its own mount namespace with empty tmpfs mounts over chosen directories, so that a
-path the driver sees does not exist there — what a separate machine looks like.
+Each node is one `ray start --block` process (its own process group, explicit free ports, its
+own --temp-dir), so a test can lose a node the way a cloud does: kill its whole process tree,
+or drain it first (`ray drain-node`, a preemption notice). A node can be started in its own
+mount namespace with empty tmpfs mounts over chosen directories, so that a path the driver sees does not exist there — what a separate machine looks like.
 
 Nothing here calls `ray.init` in the test process: tests drive the cluster through subprocesses
 (`sdray`, `ray job submit`, `serve run`) and read its state over the dashboard's HTTP API.
@@ -157,8 +156,11 @@ class LocalCluster:
             "--disable-usage-stats",
             "--node-ip-address",
             "127.0.0.1",
+            # Each node its own temp dir, as on separate machines: nodes sharing one would share
+            # runtime_resources/, where each node's runtime-env agent unpacks a job's working
+            # dir afresh, deleting the copy a driver on another node is running in.
             "--temp-dir",
-            str(self.temp_dir),
+            str(self.temp_dir if name == "head" else directory / "ray"),
             "--object-store-memory",
             str(300 * 1024 * 1024),
             "--resources",
@@ -380,17 +382,6 @@ def job_status(cluster: LocalCluster, job_id: str) -> str:
     from ray.job_submission import JobSubmissionClient
 
     return str(JobSubmissionClient(cluster.dashboard_url).get_job_status(job_id).value)
-
-
-def wait_until_started(cluster: LocalCluster, job_id: str, timeout: float) -> str:
-    """Wait (bounded) until a submitted job has left PENDING (its runtime env is set up)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        status = job_status(cluster, job_id)
-        if status != "PENDING":
-            return status
-        time.sleep(0.5)
-    raise TimeoutError(f"job {job_id} still pending after {timeout}s")
 
 
 def wait_for_job(cluster: LocalCluster, job_id: str, timeout: float) -> str:

@@ -39,7 +39,6 @@ from .multinode import (
     mount_namespace_prefix,
     ray_job,
     wait_for_job,
-    wait_until_started,
 )
 from .s3 import MotoServer
 
@@ -329,10 +328,6 @@ def test_ray_job_submit_runs_the_generate_and_sweep_pipelines(
         f"s3://{BUCKET}/job-generate/",  # with the head's own credentials (its pod's Secret)
         *FAST,
     )
-    # Ray 2.60 unpacks a working_dir package afresh (deleting the old copy) for every runtime
-    # env being set up at once with it, pulling the directory from under a job that has just
-    # started in it: jobs from one working dir go in once the one before has started.
-    wait_until_started(cluster, generate, timeout=120)
     sweep = submit(
         cluster,
         "sweep.py",
