@@ -4,7 +4,8 @@ worker nodes, each a separate raylet with its own resources, environment and mod
 Each node is one `ray start --block` process (its own process group, explicit free ports, its
 own --temp-dir), so a test can lose a node the way a cloud does: kill its whole process tree,
 or drain it first (`ray drain-node`, a preemption notice). A node can be started in its own
-mount namespace with empty tmpfs mounts over chosen directories, so that a path the driver sees does not exist there — what a separate machine looks like.
+mount namespace with empty tmpfs mounts over chosen directories, so that a path the driver sees
+does not exist there — what a separate machine looks like.
 
 Nothing here calls `ray.init` in the test process: tests drive the cluster through subprocesses
 (`sdray`, `ray job submit`, `serve run`) and read its state over the dashboard's HTTP API.
