@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from sdray.models import ModelFiles, resolve_model
+from sdray.models import ModelFiles, plan_directory, resolve_model
 from sdray.models.tiny import MODEL_INDEX, SCHEDULER_CONFIG, write_tokenizer
 
 PREVIOUS_UNET = {
@@ -86,7 +86,9 @@ def main(argv: list[str]) -> int:
         build_previous(previous_dir)
         engines = {
             "previous (random)": DiffusionEngine(
-                ModelFiles("previous", previous_dir, "previous"),
+                ModelFiles(
+                    "previous", previous_dir, "previous", plan_directory(previous_dir, "previous")
+                ),
                 device="cpu",
                 torch_threads=args.threads,
             ),

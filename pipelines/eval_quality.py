@@ -30,8 +30,8 @@ def break_engine(kind: str) -> None:
     """Break the engine in this process on purpose (run in every Ray worker as its setup hook).
 
     The one place that knows the engine's internals, so adapt it when they change:
-    - prompt:   `DiffusionEngine._encode_prompts` encodes every prompt as the empty prompt, so
-                the picture ignores what was asked (guidance then contrasts "" with "").
+    - prompt:   the SD family's `condition` encodes every prompt as the empty prompt, so the
+                picture ignores what was asked (guidance then contrasts "" with "").
     - guidance: while a batch with guidance > 1 runs, the UNet stand-in returns (uncond,
                 2*uncond - text) for the doubled batch, so the engine's `uncond + g*(text -
                 uncond)` becomes `uncond - g*(text - uncond)`: the guidance sign flipped.
@@ -39,14 +39,22 @@ def break_engine(kind: str) -> None:
                 1, so the starting latents are not scaled by it (matters where it is not 1:
                 Euler, Heun, LMS... not DDIM).
     """
+    import dataclasses
+
     import torch
 
     from sdray import engine
+    from sdray.families.sd import StableDiffusion
 
     cls = engine.DiffusionEngine
     if kind == "prompt":
-        encode = cls._encode_prompts
-        cls._encode_prompts = lambda self, prompts: encode(self, [""] * len(prompts))
+        condition = StableDiffusion.condition
+
+        def ignored(self, requests, guided):
+            blank = [dataclasses.replace(r, prompt="") for r in requests]
+            return condition(self, blank, guided)
+
+        StableDiffusion.condition = ignored
     elif kind == "guidance":
 
         class FlippedGuidance:

@@ -365,7 +365,10 @@ def test_ray_job_stop_leaves_an_output_that_resume_completes(cluster, tmp_path):
     args = ["--input", str(prompts), "--output", str(output), *FAST]
     args += ["--set", "generation.steps=8", "--set", "batch.batch_size=2"]
     args += ["--set", "output.rows_per_shard=6"]
-    first = submit(cluster, "generate.py", *args)
+    # One model actor, so units are generated and committed one after another, not all at
+    # once at the end: the stop lands mid-run. (The resume may use more: actors can change.)
+    one_actor = ["--set", "batch.min_actors=1", "--set", "batch.max_actors=1"]
+    first = submit(cluster, "generate.py", *args, *one_actor)
     deadline = time.monotonic() + 300
     while not list(output.glob("metadata/*.parquet")):  # wait for a committed shard
         assert time.monotonic() < deadline, job_logs(cluster, first)[-4000:]
