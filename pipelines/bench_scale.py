@@ -37,6 +37,8 @@ from pathlib import Path
 import pyarrow as pa
 
 SETTINGS = [
+    "generation.width=64",  # set, so the floor validates rows as sdray does (the stand-in draws
+    "generation.height=64",  # nothing)
     "batch.batch_size=1000",
     "batch.min_actors=2",
     "batch.max_actors=2",
