@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import threading
 import time
 from typing import Any
 
@@ -194,7 +195,8 @@ class GenerateStage:
 
     Ray Data runs `__call__` on one thread of the actor; with `batch.overlap` the actor takes
     two tasks at once (`max_concurrent_calls_per_actor=2`), so fetching and slicing the next
-    block and serializing the last one's pixels overlap the engine's work on this one.
+    block and serializing the last one's pixels overlap the engine's work on this one. The
+    engine itself runs one call at a time (`engine_lock`).
     """
 
     def __init__(
@@ -230,6 +232,7 @@ class GenerateStage:
         self.min_rows_for_budget = min_rows_for_budget
         self.attempted = 0
         self.failed = 0
+        self.engine_lock = threading.Lock()
         # stats: the job's GenerationStats actor (sdray.batch.cluster), for per-node figures.
         self.reporter = None
         if stats is not None:
@@ -256,8 +259,16 @@ class GenerateStage:
         ]
         preview_steps: list[list[int] | None] = [None] * len(rows)
         preview_frames: list[list[bytes] | None] = [None] * len(rows)
-        started, failed_before = time.perf_counter(), self.failed
-        for index, result in zip(todo, self._generate(requests), strict=True):
+        with self.engine_lock:  # an overlapping task (batch.overlap) waits here for the engine
+            started, failed_before = time.perf_counter(), self.failed
+            results = self._generate(requests)
+            self.failed += sum(r.error is not None for r in results)
+            self.attempted += len(todo)
+            if self.reporter is not None and todo:
+                failed = self.failed - failed_before
+                self.reporter.report(len(todo) - failed, failed, time.perf_counter() - started)
+            self._check_budget()
+        for index, result in zip(todo, results, strict=True):
             truncated[index] = result.truncated
             if result.error is None:
                 pixels[index] = result.image.tobytes()
@@ -266,12 +277,6 @@ class GenerateStage:
                     preview_frames[index] = [frame.tobytes() for _, frame in result.previews]
             else:
                 status[index], errors[index] = "error", result.error
-                self.failed += 1
-        self.attempted += len(todo)
-        if self.reporter is not None and todo:
-            failed = self.failed - failed_before
-            self.reporter.report(len(todo) - failed, failed, time.perf_counter() - started)
-        self._check_budget()
         batch = _set_column(batch, "model", [self.model_name] * len(rows), pa.string())
         batch = _set_column(batch, "model_family", [self.model_family] * len(rows), pa.string())
         batch = batch.drop_columns([c for c in INPUT_PIXELS.values() if c in batch.column_names])

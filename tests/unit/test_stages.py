@@ -137,3 +137,41 @@ def test_device_fault_ends_the_actor_instead_of_failing_rows(generate_stage, mon
     prepared = PrepareStage(GENERATION)(pa.table({"prompt": ["a", "b"], "steps": [1, 1]}))
     with pytest.raises(SystemExit, match="actor exited"):
         generate_stage(prepared)
+
+
+def test_overlapping_calls_take_turns_at_the_engine(generate_stage, monkeypatch):
+    """With batch.overlap Ray Data runs two calls of one model actor at once: the second waits
+    for the engine while the first holds it, then runs."""
+    import threading
+
+    prepared = PrepareStage(GENERATION)(pa.table({"id": ["a"], "prompt": ["x"], "steps": [1]}))
+    entered = [threading.Event(), threading.Event()]
+    release = threading.Event()
+    calls = []
+    original = generate_stage.engine.generate
+
+    def held(requests):
+        calls.append(threading.current_thread().name)
+        entered[len(calls) - 1].set()
+        if len(calls) == 1:
+            assert release.wait(30)
+        return original(requests)
+
+    monkeypatch.setattr(generate_stage.engine, "generate", held)
+    results = {}
+    threads = [
+        threading.Thread(
+            target=lambda n=n: results.__setitem__(n, generate_stage(prepared)), name=f"t{n}"
+        )
+        for n in range(2)
+    ]
+    threads[0].start()
+    assert entered[0].wait(30)
+    threads[1].start()
+    assert not entered[1].wait(1.0)  # the engine is busy: the second call waits its turn
+    release.set()
+    assert entered[1].wait(30)
+    for thread in threads:
+        thread.join(30)
+    assert calls == ["t0", "t1"]
+    assert [results[n].column("status").to_pylist() for n in range(2)] == [["ok"], ["ok"]]
