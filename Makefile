@@ -21,7 +21,7 @@ demo: $(STAMP)
 	$(BIN)/sdray generate --input configs/examples/prompts.csv --output $(DEMO_OUT) --overwrite
 
 test: $(STAMP) browser
-	$(BIN)/python -m pytest -q -ra tests
+	$(BIN)/python -m pytest -q -ra --durations=15 tests
 
 # Headless Chromium renders the sweep gallery in the tests (Debian's package; root installs it).
 browser:
