@@ -167,14 +167,27 @@ def test_a_client_that_disconnects_mid_stream_breaks_nobody_elses_batch(server):
     common = {"prompt": "a harbour", "steps": 40, "stream": True, "partial_images": 3}
     leaving, staying = {**common, "seed": 41}, {**common, "seed": 42}
 
-    async def both():
-        return await asyncio.gather(_stream(url, leaving, True), _stream(url, staying, False))
+    # A batch forms when the engine is free: the two streams go in while a longer stream holds
+    # the engine (seen by its first partial image), so they queue together for the next call.
+    blocker = {**common, "prompt": "a storm", "steps": 80, "seed": 40}
 
-    for _ in range(3):  # arrival is up to the OS; a few tries make a shared batch certain
-        left, stayed = asyncio.run(both())
-        if stayed[-1]["batch_size"] == 2:
-            break
-    assert stayed[-1]["batch_size"] == 2, "the two streams never shared an engine call"
+    async def both():
+        async with httpx.AsyncClient(headers=AUTH, timeout=120) as client:
+            async with client.stream("POST", url, json=blocker) as response:
+                assert response.status_code == 200
+                lines = response.aiter_lines()
+                async for line in lines:
+                    if line.startswith("data: "):
+                        break  # the blocker is in the engine
+                together = await asyncio.gather(
+                    _stream(url, leaving, True), _stream(url, staying, False)
+                )
+                async for _ in lines:  # let the blocker finish
+                    pass
+        return together
+
+    left, stayed = asyncio.run(both())
+    assert stayed[-1]["batch_size"] == 2, "the two streams did not share an engine call"
     assert [event["type"] for event in left] == ["image_generation.partial_image"]
     assert [event["type"] for event in stayed] == [
         *["image_generation.partial_image"] * 3,
