@@ -117,7 +117,9 @@ def reference_pipeline(engine, scheduler: str):
 
 # What each process of this driver's Ray cluster is, from its command line.
 _PARTS = (
-    ("model actors", ("GenerateStage",)),
+    # Model actors are Ray Data's actor-pool workers (`MapWorker(...)`); every other stage
+    # runs as tasks, the last one ending in the Datasink's `Write`.
+    ("model actors", ("GenerateStage", "MapWorker(")),
     ("encode and write tasks", ("EncodeStage", "Write", "ImageDatasink")),
     ("other Ray Data tasks", ("ray::",)),
     ("Ray daemons (raylet, GCS, agents)", ("raylet", "gcs_server", "agent", "dashboard")),
