@@ -39,7 +39,7 @@ from sdray.config import SdrayConfig
 from sdray.errors import InputError, SdrayError
 from sdray.families import with_model_defaults
 from sdray.models import model_identity
-from sdray.requests import BATCH_KEY_COLUMN
+from sdray.requests import BATCH_KEY_COLUMN, RESULT_COLUMNS
 from sdray.storage import (
     absolute_uri,
     filesystem,
@@ -327,22 +327,6 @@ def actor_resources(config: SdrayConfig) -> dict[str, float]:
     return {"num_cpus": config.batch.num_cpus_per_actor, **bounded}
 
 
-# Columns sdray fills in as a job runs, which a table cannot be partitioned by.
-SET_WHILE_RUNNING = (
-    "id",
-    "image_path",
-    "sha256",
-    "error",
-    "status",
-    "model",
-    "model_family",
-    "truncated",
-    "preview_path",
-    "init_sha256",
-    "mask_sha256",
-)
-
-
 def input_base(input_uri: str, storage: dict[str, Any]) -> str:
     """Where relative image URIs of the table's rows start: the input directory, or the folder
     of a single input file (a row's own subfolder is added from its source)."""
@@ -457,7 +441,7 @@ def _run_generate(
         storage_options=storage,
     )
     for column in config.output.partition_by:
-        if column in SET_WHILE_RUNNING:
+        if column == "id" or column in RESULT_COLUMNS:  # sdray sets them as it runs
             raise SdrayError(
                 f"output.partition_by: cannot partition by {column!r} (sdray sets it as it runs)"
             )

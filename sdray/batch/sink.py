@@ -89,6 +89,16 @@ class ShardImages:
     def strip(self, index: int) -> bytes | None:
         return None if self.strips is None else self.strips[index]
 
+    def present(self) -> list[tuple[str, bytes, dict[str, Any], bytes | None]]:
+        """(key, image, row, filmstrip) of each row that has an image."""
+        return [
+            (key, data, row, self.strip(i))
+            for i, (key, data, row) in enumerate(
+                zip(self.keys, self.images, self.rows, strict=True)
+            )
+            if data
+        ]
+
 
 STRIP_SUFFIX = ".strip.png"
 # What a writer returns: each row's image path and filmstrip path (None where there is none).
@@ -139,11 +149,7 @@ class WebDatasetWriter:
 
     def write(self, fs, root: str, directory: str, shard: str, batch: ShardImages) -> WrittenPaths:
         relative = self.location(directory, shard)
-        present = [
-            (k, d, r, batch.strip(i))
-            for i, (k, d, r) in enumerate(zip(batch.keys, batch.images, batch.rows, strict=True))
-            if d
-        ]
+        present = batch.present()
         if present:
             with (
                 upload(fs, join(root, relative)) as handle,
@@ -187,11 +193,7 @@ class ParquetImageWriter:
 
     def write(self, fs, root: str, directory: str, shard: str, batch: ShardImages) -> WrittenPaths:
         relative = self.location(directory, shard)
-        present = [
-            (k, d, r, batch.strip(i))
-            for i, (k, d, r) in enumerate(zip(batch.keys, batch.images, batch.rows, strict=True))
-            if d
-        ]
+        present = batch.present()
         fields = [("id", pa.string()), ("key", pa.string()), ("image", pa.binary())]
         if batch.strips is not None:
             fields.append(("strip", pa.binary()))
