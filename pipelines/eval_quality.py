@@ -70,12 +70,12 @@ def break_engine(kind: str) -> None:
 
         generate_batch = cls._generate_batch
 
-        def flipped(self, requests):
+        def flipped(self, requests, *args, **kwargs):
             if requests[0].guidance_scale <= 1:
-                return generate_batch(self, requests)
+                return generate_batch(self, requests, *args, **kwargs)
             unet, self.unet = self.unet, FlippedGuidance(self.unet)
             try:
-                return generate_batch(self, requests)
+                return generate_batch(self, requests, *args, **kwargs)
             finally:
                 self.unet = unet
 
@@ -171,8 +171,17 @@ def main(argv: list[str]) -> int:
             name: all(figures[a] >= t for a, t in evaluate.GUARD_THRESHOLDS.items())
             for name, figures in summary.items()
         }
+        agreement = sorted(evaluate.scheduler_agreement(output).values())
+        lowest = agreement[0] if agreement else 0.0
+        verdicts["ddim~euler"] = lowest >= evaluate.GUARD_AGREEMENT_DB
         report["guard_passes"] = verdicts
-        print(f"\nquality test thresholds {evaluate.GUARD_THRESHOLDS}: ", end="")
+        report["agreement_db"] = agreement
+        print(
+            f"\nsame prompt and seed, DDIM vs Euler: PSNR lowest {lowest:.1f} dB, median "
+            f"{agreement[len(agreement) // 2] if agreement else 0.0:.1f} dB over {len(agreement)} "
+            f"pairs (the test wants >= {evaluate.GUARD_AGREEMENT_DB:.0f} dB)"
+        )
+        print(f"quality test thresholds {evaluate.GUARD_THRESHOLDS}: ", end="")
         print(", ".join(f"{k} {'PASS' if v else 'FAIL'}" for k, v in verdicts.items()))
     (args.work / "summary.json").write_text(json.dumps(report, indent=2) + "\n")
     return 0
