@@ -85,6 +85,11 @@ class ImageInputStage:
         from concurrent.futures import ThreadPoolExecutor
 
         require_columns(batch, [f.name for f in PREPARED_SCHEMA], "image inputs")
+        if not self._any_image(batch):  # text-to-image only: no row to look at one by one
+            for name in (*INPUT_PIXELS.values(), *IMAGE_DIGESTS.values()):
+                batch = _set_column(batch, name, pa.nulls(batch.num_rows, _kind(name)))
+            hidden = [c for c in IMAGE_BYTES.values() if c in batch.column_names]
+            return batch.drop_columns(hidden)
         columns = [
             c
             for c in ["status", "error", "width", "height", *IMAGE_INPUTS, SOURCE_COLUMN]
@@ -129,6 +134,18 @@ class ImageInputStage:
             batch = _set_column(batch, name, values, types.get(name, _kind(name)))
         hidden = [c for c in IMAGE_BYTES.values() if c in batch.column_names]
         return batch.drop_columns(hidden)
+
+    @staticmethod
+    def _any_image(batch: pa.Table) -> bool:
+        """Whether any row still ok names an init image (a URI, or bytes in the table)."""
+        import pyarrow.compute as pc
+
+        uris = batch.column("init_image")
+        wants = pc.fill_null(pc.greater(pc.utf8_length(uris), 0), False)
+        raw = IMAGE_BYTES["init_image"]
+        if raw in batch.column_names:
+            wants = pc.or_(wants, pc.is_valid(batch.column(raw)))
+        return pc.any(pc.and_(wants, pc.equal(batch.column("status"), "ok"))).as_py() or False
 
     def _prepare(self, row: dict[str, Any]):
         """(PreparedInputs | None, {field: sha256 of the source bytes}, error | None)."""
