@@ -175,6 +175,29 @@ def derive_id(source: str, row: int) -> str:
     return f"{source}:{row}"
 
 
+def resolve_id(raw_id: Any, source: str, row: int) -> str:
+    """A row's id: as given (an integral float as an integer), or derived from its file and
+    position when it gives none (null or empty)."""
+    if raw_id is None or raw_id == "":
+        return derive_id(source, row)
+    if isinstance(raw_id, float) and raw_id.is_integer():
+        return str(int(raw_id))
+    return str(raw_id)
+
+
+def table_ids(table: pa.Table) -> list[str]:
+    """Every row's id as `prepare_table` resolves it, without validating anything else."""
+    n = table.num_rows
+    raw = table.column("id").to_pylist() if "id" in table.column_names else [None] * n
+    names = table.column_names
+    sources = table.column(SOURCE_COLUMN).to_pylist() if SOURCE_COLUMN in names else None
+    positions = table.column(ROW_COLUMN).to_pylist() if ROW_COLUMN in names else None
+    return [
+        resolve_id(value, sources[i] if sources else "row", positions[i] if positions else i)
+        for i, value in enumerate(raw)
+    ]
+
+
 def is_unicode_text(text: str) -> bool:
     """Whether a string encodes as UTF-8 (JSON can carry lone surrogates such as "\\ud800")."""
     try:
@@ -402,16 +425,11 @@ def prepare_table(table: pa.Table, config: GenerationConfig) -> pa.Table:
         if read_errors and read_errors[index]:
             errors.append(read_errors[index])
         raw_id = row.get("id")
-        if raw_id is None or raw_id == "":
-            if raw_id == "":  # given, but empty; a null id is a missing one, derived like none
-                errors.insert(0, "id='': is empty")
-            source = sources[index] if sources else "row"
-            position = positions[index] if positions else index
-            row_id = derive_id(source, position)
-        elif isinstance(raw_id, float) and raw_id.is_integer():
-            row_id = str(int(raw_id))
-        else:
-            row_id = str(raw_id)
+        if raw_id == "":  # given, but empty; a null id is a missing one, derived like none
+            errors.insert(0, "id='': is empty")
+        row_id = resolve_id(
+            raw_id, sources[index] if sources else "row", positions[index] if positions else index
+        )
         if fields["seed"] is None and not any(e.startswith("seed=") for e in errors):
             fields["seed"] = derive_seed(config.seed, row_id)
         fields["id"] = row_id

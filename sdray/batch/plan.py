@@ -1,9 +1,11 @@
 """Planning an offline job: which read task reads which units, what an earlier run committed,
-and the id registry. O(files + shards) work in the driver; no row is read here."""
+and the id registry. O(files + shards) work in the driver; no row is read here, except that a
+resume claims the committed ids in the registry, one shard's id column at a time."""
 
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,6 +17,8 @@ from sdray.config import SdrayConfig
 from sdray.errors import SdrayError
 from sdray.requests import REQUEST_COLUMNS
 from sdray.storage import filesystem, join
+
+CLAIM_THREADS = 8  # committed shards read at once when a resume reloads their ids
 
 
 @dataclass
@@ -129,22 +133,24 @@ def start_registry(
     """The duplicate-id registry, when rows bring ids (derived ids are unique by construction),
     holding the ids committed earlier first."""
     import numpy as np
-    import ray
+    import pyarrow.parquet as pq
 
     if not plan.has_ids:
         return None
     registry = IdRegistry.start(max(2, math.ceil(plan.parquet_rows / 25_000_000)), plan.sources)
     if plan.committed_paths:
+        # From the driver, a shard at a time (a few threads for object-store latency): a
+        # separate Ray Data job here cost more in worker start-up than the reading itself.
         say(f"loading the ids of {len(plan.committed_paths)} committed shards")
-        fs, _ = filesystem(output_uri, storage)
-        paths = [join(output_uri, p) for p in plan.committed_paths]
+        fs, root = filesystem(output_uri, storage)
 
-        def claim(batch):
-            ids = [i for i in batch.column("id").to_pylist() if i is not None]
-            registry.claim(ids, np.full(len(ids), COMMITTED, np.int64))
-            return batch.slice(0, 0)
+        def claim(path: str) -> None:
+            with fs.open(join(root, path), "rb") as handle:
+                column = pq.read_table(handle, columns=["id"]).column("id")
+            ids = [i for i in column.to_pylist() if i is not None]
+            if ids:
+                registry.claim(ids, np.full(len(ids), COMMITTED, np.int64))
 
-        ray.data.read_parquet(paths, columns=["id"], filesystem=fs).map_batches(
-            claim, batch_format="pyarrow", num_cpus=0.25
-        ).materialize()
+        with ThreadPoolExecutor(CLAIM_THREADS) as pool:
+            list(pool.map(claim, plan.committed_paths))
     return registry

@@ -12,6 +12,7 @@ from sdray.requests import (
     derive_id,
     derive_seed,
     prepare_table,
+    table_ids,
     validate_row,
 )
 
@@ -123,6 +124,25 @@ def test_null_id_is_derived_and_an_empty_one_is_an_error_row():
     assert out.column("id").to_pylist() == ["a", "t.jsonl:1", "t.jsonl:2"]
     assert out.column("status").to_pylist() == ["ok", "ok", "error"]
     assert out.column("error").to_pylist()[2] == "id='': is empty"
+
+
+@pytest.mark.parametrize(
+    "ids",
+    [None, ["a", None, "", "7"], [1.0, 2.5, None, 4.0], [10, None, 12, 13]],
+    ids=["no id column", "text", "float", "int"],
+)
+def test_table_ids_resolve_ids_as_prepare_table_does(ids):
+    # A resume checks committed units by their ids alone (`table_ids`); they must be the very
+    # ids that validation gives the rows, or a resume would see a changed input.
+    columns = {"prompt": ["w", "x", "", None]}  # invalid rows keep their ids too
+    if ids is not None:
+        columns["id"] = ids
+    table = _table(**columns)
+    table = table.append_column(ROW_COLUMN, pa.array([5, 6, 7, 8], pa.int64()))
+    table = table.append_column(SOURCE_COLUMN, pa.array(["t.jsonl"] * 4))
+    expected = prepare_table(table, CONFIG).column("id").to_pylist()
+    assert table_ids(table) == expected
+    assert len(set(expected)) == 4
 
 
 def test_missing_prompt_column_is_refused():
