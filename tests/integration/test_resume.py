@@ -246,6 +246,39 @@ def test_resume_refuses_changed_config(tmp_path, sdray_env):
     assert os.listdir(output / "metadata") and len(metadata_rows(output)) == 1
 
 
+def test_resume_keeps_ids_committed_earlier(tmp_path, sdray_env):
+    # The last row repeats the first one's id. After the last row's shard is lost, the resumed
+    # run must still refuse it that id: the first row's unit, committed, is not validated or
+    # claimed again, so the id is known only from the committed shard.
+    source = tmp_path / "p.csv"
+    source.write_text("id,prompt\na,w\nb,x\nc,y\na,z\n")
+    output = tmp_path / "out"
+    base = [SDRAY, "generate", "--input", str(source), "--output", str(output), "--no-progress"]
+    base += [*QUICK, "--set", "output.rows_per_shard=2"]
+    first = subprocess.run(base, env=sdray_env, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+    shards = {
+        path: pq.read_table(path).column("prompt").to_pylist()
+        for path in (output / "metadata").glob("*.parquet")
+    }
+    (lost,) = [path for path, prompts in shards.items() if "z" in prompts]
+    lost.unlink()
+    resumed = subprocess.run(
+        [*base, "--resume"], env=sdray_env, capture_output=True, text=True, timeout=300
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    rows = {r["prompt"]: r for r in metadata_rows(output)}
+    assert sorted(rows) == ["w", "x", "y", "z"]
+    assert rows["w"]["id"] == "a" and rows["w"]["status"] == "ok"
+    assert rows["y"]["status"] == "ok"
+    assert rows["z"]["id"] is None and rows["z"]["status"] == "error"
+    assert rows["z"]["error"] == (
+        "id='a': also the id of a row an earlier run wrote to this output, which keeps it"
+    )
+    counts = json.loads((output / "manifest.json").read_text())["counts"]
+    assert (counts["rows"], counts["ok"], counts["error"]) == (4, 3, 1)
+
+
 @pytest.fixture(scope="module")
 def nan_model(tmp_path_factory, model_cache) -> Path:
     """A real local model directory whose VAE decodes to NaN: every image fails in the engine."""
