@@ -85,7 +85,8 @@ class ImageInputStage:
         from concurrent.futures import ThreadPoolExecutor
 
         require_columns(batch, [f.name for f in PREPARED_SCHEMA], "image inputs")
-        if not self._any_image(batch):  # text-to-image only: no row to look at one by one
+        todo = self._wanting_images(batch)
+        if not todo:  # text-to-image only: no row to look at one by one
             for name in (*INPUT_PIXELS.values(), *IMAGE_DIGESTS.values()):
                 batch = _set_column(batch, name, pa.nulls(batch.num_rows, _kind(name)))
             hidden = [c for c in IMAGE_BYTES.values() if c in batch.column_names]
@@ -97,15 +98,8 @@ class ImageInputStage:
             if c in batch.column_names
         ]
         rows = batch.select(columns).to_pylist()
-        todo = [
-            i
-            for i, r in enumerate(rows)
-            if r["status"] == "ok" and (r["init_image"] or r.get(IMAGE_BYTES["init_image"]))
-        ]
-        outcomes = []
-        if todo:
-            with ThreadPoolExecutor(min(self.threads, len(todo))) as pool:
-                outcomes = list(pool.map(lambda i: self._prepare(rows[i]), todo))
+        with ThreadPoolExecutor(min(self.threads, len(todo))) as pool:
+            outcomes = list(pool.map(lambda i: self._prepare(rows[i]), todo))
         n = batch.num_rows
         out: dict[str, list] = {
             "status": [r["status"] for r in rows],
@@ -136,16 +130,21 @@ class ImageInputStage:
         return batch.drop_columns(hidden)
 
     @staticmethod
-    def _any_image(batch: pa.Table) -> bool:
-        """Whether any row still ok names an init image (a URI, or bytes in the table)."""
+    def _wanting_images(batch: pa.Table) -> list[int]:
+        """Rows still ok that name an init image (a URI, or bytes in the table)."""
+        import numpy as np
         import pyarrow.compute as pc
 
-        uris = batch.column("init_image")
-        wants = pc.fill_null(pc.greater(pc.utf8_length(uris), 0), False)
+        def given(column: pa.ChunkedArray) -> pa.ChunkedArray:
+            length = pc.utf8_length if pa.types.is_string(column.type) else pc.binary_length
+            return pc.fill_null(pc.greater(length(column), 0), False)
+
+        wants = given(batch.column("init_image"))
         raw = IMAGE_BYTES["init_image"]
         if raw in batch.column_names:
-            wants = pc.or_(wants, pc.is_valid(batch.column(raw)))
-        return pc.any(pc.and_(wants, pc.equal(batch.column("status"), "ok"))).as_py() or False
+            wants = pc.or_(wants, given(batch.column(raw)))
+        wants = pc.and_(wants, pc.fill_null(pc.equal(batch.column("status"), "ok"), False))
+        return np.flatnonzero(wants.to_numpy(zero_copy_only=False)).tolist()
 
     def _prepare(self, row: dict[str, Any]):
         """(PreparedInputs | None, {field: sha256 of the source bytes}, error | None)."""
