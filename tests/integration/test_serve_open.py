@@ -1,5 +1,6 @@
 """`sdray serve` without SDRAY_API_KEYS and with a short timeout: open access, the replica's
-own 504, a clean SIGINT shutdown, a stop while still deploying, and keys set but empty."""
+own 504, a clean SIGINT shutdown, a stop while still deploying, keys set but empty, and the HAProxy
+ingress."""
 
 from __future__ import annotations
 
@@ -137,9 +138,37 @@ def test_the_benchmark_deploys_one_app_at_a_time_and_deletes_only_its_own(ray_cl
             config, concurrencies=(2,), rounds=1, requests=4, time_limit_s=60, port=port
         )
         levels = {row["mode"]: row for row in results["levels"]}
-        assert set(levels) == {"batch=4", "batch=1"}
+        assert set(levels) == {f"batch={config.serve.max_batch_size}", "batch=1"}
         assert all(row["ok"] == 4 for row in levels.values()), levels
         assert set(serve.status().applications) == {"keeper"}
         assert httpx.get(f"http://127.0.0.1:{port}/keeper", timeout=30).text == "kept"
     finally:
         serve.shutdown()  # the next `sdray serve` starts Serve with its own HTTP options
+
+
+def test_haproxy_ingress_answers_with_no_python_proxy_in_the_path(sdray_env, tmp_path):
+    """`serve.ingress: haproxy`, on a Ray that `sdray serve` starts itself: HAProxy, not Ray
+    Serve's Python proxy, listens on the port and hands requests straight to the replica's own
+    HTTP server."""
+    import psutil
+
+    env = {key: value for key, value in sdray_env.items() if key != "RAY_ADDRESS"}
+    # Direct-ingress replicas drain 30 s by default (for load balancers); none here to wait for.
+    env["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] = "0"
+    config = {**CONFIG, "serve": {**CONFIG["serve"], "ingress": "haproxy", "request_timeout_s": 60}}
+    server = start_server(tmp_path, env, config, api_keys=None)
+    try:
+        listening = {
+            psutil.Process(connection.pid).name()
+            for connection in psutil.net_connections("tcp")
+            if connection.status == psutil.CONN_LISTEN and connection.laddr.port == server.port
+        }
+        assert listening == {"haproxy"}, listening
+        with httpx.Client(base_url=server.url, timeout=60) as http:
+            response = http.post("/v1/generate", json={"prompt": "a red circle", "seed": 3})
+        assert response.status_code == 200, response.text
+        assert response.headers["content-type"] == "image/png"
+        assert server.stop(signal.SIGINT) == 0, server.log()[-4000:]
+        assert not accepts_connections(server.port)
+    finally:
+        server.cleanup()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -25,9 +26,11 @@ from sdray.serve.protocol import (
 )
 from sdray.serve.server import (
     GRACEFUL_SHUTDOWN_MARGIN_S,
+    HAPROXY_ENV,
     ServeAppArgs,
     deployment_options,
     http_options,
+    prepare_ingress,
     resolve_device,
 )
 
@@ -408,3 +411,27 @@ def test_serve_and_batch_never_import_each_other_and_serve_loads_torch_lazily():
     assert not any(name.startswith("sdray.serve") for name in imported("batch"))
     code = "import sys, sdray.serve, sdray.serve.app; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_haproxy_ingress_is_set_up_before_a_local_ray_and_refused_on_an_unprepared_cluster(
+    monkeypatch,
+):
+    import ray
+
+    from sdray.errors import SdrayError
+
+    monkeypatch.delenv(HAPROXY_ENV, raising=False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    prepare_ingress(config_from_dict({}))  # the Python proxy: nothing to set
+    assert HAPROXY_ENV not in os.environ
+    haproxy = config_from_dict({"serve": {"ingress": "haproxy"}})
+    prepare_ingress(haproxy)  # a local Ray started next inherits it
+    assert os.environ[HAPROXY_ENV] == "1"
+    # A running cluster keeps the environment it was started with: say how to prepare it.
+    monkeypatch.delenv(HAPROXY_ENV)
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    with pytest.raises(SdrayError, match=f"start Ray on every node with {HAPROXY_ENV}=1"):
+        prepare_ingress(haproxy)
+    monkeypatch.setenv(HAPROXY_ENV, "1")
+    prepare_ingress(haproxy)
