@@ -127,6 +127,12 @@ def build_application(config: SdrayConfig, key_digests: tuple[str, ...] = ()):
     """The bound Serve application (one ImageService deployment) for `config`."""
     from sdray.serve.app import ImageService
 
+    if config.serve.ingress == "haproxy" and os.environ.get(HAPROXY_ENV) != "1":
+        # `serve run` / `serve deploy` build the app without `prepare_ingress`: never ignore it.
+        raise SdrayError(
+            f"serve.ingress=haproxy, but {HAPROXY_ENV}=1 is not set where the app is built: "
+            "start Ray on every node with it (and set it here), or use serve.ingress=proxy"
+        )
     config = plan_served_model(config)
     device = resolve_device(config)
     data = config.model_dump(mode="json")

@@ -161,7 +161,9 @@ def test_haproxy_ingress_answers_with_no_python_proxy_in_the_path(sdray_env, tmp
         listening = {
             psutil.Process(connection.pid).name()
             for connection in psutil.net_connections("tcp")
-            if connection.status == psutil.CONN_LISTEN and connection.laddr.port == server.port
+            if connection.status == psutil.CONN_LISTEN
+            and connection.laddr.port == server.port
+            and connection.pid is not None
         }
         assert listening == {"haproxy"}, listening
         with httpx.Client(base_url=server.url, timeout=60) as http:

@@ -435,3 +435,12 @@ def test_haproxy_ingress_is_set_up_before_a_local_ray_and_refused_on_an_unprepar
         prepare_ingress(haproxy)
     monkeypatch.setenv(HAPROXY_ENV, "1")
     prepare_ingress(haproxy)
+
+
+def test_an_app_built_for_haproxy_without_it_is_refused_not_served_by_the_proxy(monkeypatch):
+    """`serve run` / `serve deploy` build the app directly: the ingress setting is not ignored."""
+    from sdray.errors import SdrayError
+
+    monkeypatch.delenv(HAPROXY_ENV, raising=False)
+    with pytest.raises(SdrayError, match=f"{HAPROXY_ENV}=1 is not set where the app is built"):
+        build_app({"config": {"serve": {"ingress": "haproxy"}}})
