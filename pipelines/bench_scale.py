@@ -172,10 +172,13 @@ def child(kind: str, input_uri: str, output_uri: str, settings: list[str]) -> di
     """One measured driver run (in a child process); returns its figures."""
     import ray
 
+    from sdray.batch.cluster import local_ray_settings
+
     keep_ray_data_logs()
     imports = time.time() - LAUNCHED
     started = time.perf_counter()
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    with local_ray_settings(cpus=2):  # the Ray sdray starts for itself, for every kind of run
+        ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
     ray_start = time.perf_counter() - started
     figures: dict = {"imports_s": round(imports, 2), "ray_start_s": round(ray_start, 2)}
     with ObjectStorePeak() as store:

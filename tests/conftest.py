@@ -36,13 +36,16 @@ def ray_cluster(model_cache):
     """A local Ray cluster for the whole session; its address lets subprocesses join it."""
     import ray
 
-    context = ray.init(
-        address="local",  # never join a cluster some earlier process left behind
-        num_cpus=2,
-        include_dashboard=False,
-        logging_level="WARNING",
-        object_store_memory=1_500_000_000,
-    )
+    from sdray.batch.cluster import local_ray_settings
+
+    with local_ray_settings(cpus=2):  # as sdray starts a local Ray for itself
+        context = ray.init(
+            address="local",  # never join a cluster some earlier process left behind
+            num_cpus=2,
+            include_dashboard=False,
+            logging_level="WARNING",
+            object_store_memory=1_500_000_000,
+        )
     address = context.address_info["address"]
     try:
         yield address

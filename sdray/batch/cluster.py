@@ -8,7 +8,8 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from sdray.errors import SdrayError
@@ -51,6 +52,35 @@ def runtime_env_for_driver() -> dict[str, Any] | None:
     """The runtime_env a driver passes to `ray.init`: its forwarded variables, as a hook."""
     env = forwarded_env()
     return {"worker_process_setup_hook": worker_setup_hook(env)} if env else None
+
+
+# --- A Ray that the driver starts itself -------------------------------------------------------
+
+# Ray keeps at most this many worker processes once they fall idle (default: one per CPU) and
+# counts a run's actors in it: with a run's model actors, id registry and Ray Data's own actors
+# on a small machine, every task worker idle for a second was killed, and the next task paid a
+# new process (about 2 s of imports). Room for the task slots of sdray's quarter-CPU stages and
+# the actors instead.
+WORKER_POOL_ENV = "RAY_num_workers_soft_limit"
+
+
+def worker_pool_size(cpus: int | None = None) -> int:
+    return 4 * (cpus or os.cpu_count() or 1) + 8
+
+
+@contextmanager
+def local_ray_settings(cpus: int | None = None) -> Iterator[None]:
+    """Around a `ray.init` that may start a local Ray: its raylet keeps `worker_pool_size` idle
+    workers (unless this environment sets the limit itself). A Ray it connects to instead keeps
+    its own settings; the driver's environment is left as it was."""
+    if WORKER_POOL_ENV in os.environ:
+        yield
+        return
+    os.environ[WORKER_POOL_ENV] = str(worker_pool_size(cpus))
+    try:
+        yield
+    finally:
+        os.environ.pop(WORKER_POOL_ENV, None)
 
 
 # --- Local paths that every node must see -------------------------------------------------

@@ -20,6 +20,7 @@ from typing import Any
 from sdray.batch.cluster import (
     check_paths_on_every_node,
     collect_stats,
+    local_ray_settings,
     runtime_env_for_driver,
     start_stats_actor,
 )
@@ -84,12 +85,13 @@ def ensure_ray() -> None:
     import ray
 
     if not ray.is_initialized():
-        ray.init(
-            logging_level=logging.WARNING,
-            log_to_driver=True,
-            include_dashboard=False,
-            runtime_env=runtime_env_for_driver(),
-        )
+        with local_ray_settings():
+            ray.init(
+                logging_level=logging.WARNING,
+                log_to_driver=True,
+                include_dashboard=False,
+                runtime_env=runtime_env_for_driver(),
+            )
 
 
 def package_versions() -> dict[str, str]:

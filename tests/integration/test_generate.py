@@ -319,3 +319,30 @@ def test_csv_and_jsonl_inputs(tmp_path, ray_cluster, capsys):
     assert rows["b.jsonl:1"]["status"] == "error" and "width='wide'" in rows["b.jsonl:1"]["error"]
     assert rows["b.jsonl:0"]["status"] == "ok" and rows["b.jsonl:0"]["tag"] == "z"
     assert os.path.exists(tmp_path / "o" / rows["a.csv:0"]["image_path"])
+
+
+def test_a_ray_that_sdray_starts_keeps_room_for_idle_task_workers(tmp_path):
+    """A driver without RAY_ADDRESS starts its own Ray: its raylet (whose environment every
+    worker inherits) was started with the larger idle-worker limit, and the driver's own
+    environment is as it was."""
+    import subprocess
+    import sys
+
+    from sdray.batch.cluster import WORKER_POOL_ENV, worker_pool_size
+
+    script = (
+        "import json, os, ray\n"
+        "from sdray.batch.job import ensure_ray\n"
+        f"ensure_ray()\n"
+        f"seen = ray.get(ray.remote(lambda: os.environ.get({WORKER_POOL_ENV!r})).remote())\n"
+        f"print(json.dumps([seen, os.environ.get({WORKER_POOL_ENV!r})]))\n"
+        "ray.shutdown()\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", WORKER_POOL_ENV)}
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=180
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    worker, driver = json.loads(done.stdout.strip().splitlines()[-1])
+    assert worker == str(worker_pool_size())
+    assert driver is None

@@ -7,11 +7,14 @@ import os
 from ray import cloudpickle
 
 from sdray.batch.cluster import (
+    WORKER_POOL_ENV,
     describe_path,
     forwarded_env,
     local_path,
+    local_ray_settings,
     runtime_env_for_driver,
     summarize,
+    worker_pool_size,
     worker_setup_hook,
 )
 
@@ -85,3 +88,16 @@ def test_summarize_gives_figures_per_node_and_per_actor():
     ]
     assert summary["nodes"][1]["images_per_s"] == 15.0  # 10/s + 5/s, side by side
     assert [a["actor_id"] for a in summary["actors"]] == ["a3", "a1", "a2"]
+
+
+def test_a_local_ray_keeps_room_for_idle_task_workers_and_the_environment_is_restored(
+    monkeypatch,
+):
+    monkeypatch.delenv(WORKER_POOL_ENV, raising=False)
+    with local_ray_settings(cpus=2):
+        assert os.environ[WORKER_POOL_ENV] == "16" == str(worker_pool_size(2))
+    assert WORKER_POOL_ENV not in os.environ
+    monkeypatch.setenv(WORKER_POOL_ENV, "5")  # an operator's own setting wins
+    with local_ray_settings(cpus=2):
+        assert os.environ[WORKER_POOL_ENV] == "5"
+    assert os.environ[WORKER_POOL_ENV] == "5"
