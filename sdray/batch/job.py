@@ -578,6 +578,7 @@ def _pipeline(
     # ready pixels.
     fetch = ImageInputStage(config.generation, input_base(input_uri, storage), storage)
     units = units.map_batches(UnitStage(fetch), batch_size=1, batch_format="pyarrow", num_cpus=0.25)
+    in_flight = 2 if batch.overlap else 1
     with warnings.catch_warnings():
         # Ray Data 2.60 takes actor restart limits only through its deprecated
         # **ray_remote_args (there is no named parameter yet); revisit on upgrade.
@@ -608,7 +609,11 @@ def _pipeline(
                 max_size=batch.max_actors,
                 # overlap: a second unit's block I/O beside the engine's work on another; the
                 # engine itself still runs one batch at a time.
-                max_concurrent_calls_per_actor=2 if batch.overlap else 1,
+                max_concurrent_calls_per_actor=in_flight,
+                # ...and no deeper queue than that: by default Ray Data queues twice as many
+                # units on an actor, so the first actor to be ready took the first four units
+                # of a small table and the others, still loading, got none.
+                max_tasks_in_flight_per_actor=in_flight,
             ),
             **actor_resources(config),
         )
