@@ -65,7 +65,8 @@ class ClaimStore:
 
     def claim(self, hi: np.ndarray, lo: np.ndarray, owners: np.ndarray) -> np.ndarray:
         """Give each unclaimed digest to its smallest claimant here; return every one's owner."""
-        new = self.owners(hi, lo) == ABSENT
+        found = self.owners(hi, lo)
+        new = found == ABSENT
         if new.any():
             hi_new, lo_new, owners_new = hi[new], lo[new], owners[new]
             order = np.lexsort((owners_new, lo_new, hi_new))
@@ -73,7 +74,11 @@ class ClaimStore:
             first = np.ones(len(order), bool)
             first[1:] = (hi_new[1:] != hi_new[:-1]) | (lo_new[1:] != lo_new[:-1])
             self._add(hi_new[first], lo_new[first], owners_new[first])
-        return self.owners(hi, lo)
+            # each new digest's owner: the first (smallest) claimant of its run of equals
+            winners = np.empty(len(order), np.int64)
+            winners[order] = owners_new[first][np.cumsum(first) - 1]
+            found[new] = winners
+        return found
 
     def _add(self, hi: np.ndarray, lo: np.ndarray, owners: np.ndarray) -> None:
         self.runs.append((hi, lo, owners))
