@@ -309,6 +309,25 @@ def _unwrap(error: BaseException) -> BaseException:
     return error
 
 
+def actor_pool(config: SdrayConfig):
+    """The model actors' pool: `batch.min_actors` to `batch.max_actors`, each with at most as
+    many units queued as it runs at once."""
+    from ray.data import ActorPoolStrategy
+
+    # overlap: a second unit's block I/O beside the engine's work on another (the engine
+    # itself still runs one batch at a time).
+    in_flight = 2 if config.batch.overlap else 1
+    return ActorPoolStrategy(
+        min_size=config.batch.min_actors,
+        max_size=config.batch.max_actors,
+        max_concurrent_calls_per_actor=in_flight,
+        # No deeper queue than that: Ray Data's default queues twice as many units on an
+        # actor, so the first actor to be ready took the first four units of a small table
+        # and the others, still loading, got none.
+        max_tasks_in_flight_per_actor=in_flight,
+    )
+
+
 def actor_resources(config: SdrayConfig) -> dict[str, float]:
     """Ray options of a model actor: a GPU each on cuda, fractional CPUs on CPU, and bounded
     restarts (Ray Data's default restarts a crashing actor forever)."""
@@ -554,7 +573,6 @@ def _pipeline(
     (tasks) -> generate (model actors) -> encode (tasks); one unit per block and per task all
     the way."""
     import ray
-    from ray.data import ActorPoolStrategy
 
     batch = config.batch
     storage = config.storage.storage_options
@@ -578,7 +596,6 @@ def _pipeline(
     # ready pixels.
     fetch = ImageInputStage(config.generation, input_base(input_uri, storage), storage)
     units = units.map_batches(UnitStage(fetch), batch_size=1, batch_format="pyarrow", num_cpus=0.25)
-    in_flight = 2 if batch.overlap else 1
     with warnings.catch_warnings():
         # Ray Data 2.60 takes actor restart limits only through its deprecated
         # **ray_remote_args (there is no named parameter yet); revisit on upgrade.
@@ -604,17 +621,7 @@ def _pipeline(
             },
             batch_size=1,
             batch_format="pyarrow",
-            compute=ActorPoolStrategy(
-                min_size=batch.min_actors,
-                max_size=batch.max_actors,
-                # overlap: a second unit's block I/O beside the engine's work on another; the
-                # engine itself still runs one batch at a time.
-                max_concurrent_calls_per_actor=in_flight,
-                # ...and no deeper queue than that: by default Ray Data queues twice as many
-                # units on an actor, so the first actor to be ready took the first four units
-                # of a small table and the others, still loading, got none.
-                max_tasks_in_flight_per_actor=in_flight,
-            ),
+            compute=actor_pool(config),
             **actor_resources(config),
         )
     return pixels.map_batches(

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 from fsspec.implementations.local import LocalFileSystem
 
-from sdray.batch.job import _unwrap
+from sdray.batch.job import _unwrap, actor_pool
 from sdray.batch.sink import remove_uncommitted
 from sdray.batch.stages import ErrorBudgetExceeded
 from sdray.errors import ModelError, SdrayError
@@ -197,3 +197,18 @@ def test_partition_types_come_from_shards_else_from_the_resumed_manifest():
         {"name": "seed", "type": "int64"},  # this run wrote only null seeds: the manifest knows
         {"name": "zip", "type": "string"},
     ]
+
+
+@pytest.mark.parametrize(("overlap", "in_flight"), [(True, 2), (False, 1)])
+def test_an_actor_queues_no_more_units_than_it_runs_at_once(overlap, in_flight):
+    """Ray Data's default queues twice the concurrent calls on an actor: the first actor to be
+    ready then took every unit of a small table and the others got none."""
+    from sdray.config import SdrayConfig
+
+    config = SdrayConfig.model_validate(
+        {"batch": {"min_actors": 2, "max_actors": 3, "overlap": overlap}}
+    )
+    pool = actor_pool(config)
+    assert (pool.min_size, pool.max_size) == (2, 3)
+    assert pool.max_concurrent_calls_per_actor == in_flight
+    assert pool.max_tasks_in_flight_per_actor == in_flight
