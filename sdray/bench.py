@@ -279,6 +279,51 @@ def _ray_pipeline(
     return RayRun(summary, actors, processes, shards)
 
 
+def _engine_process(config_json: str, seconds: float, ready, results) -> None:
+    """One process of `process_scaling`: a one-thread engine, timed for `seconds` once every
+    process of the measurement is loaded and warm."""
+    import torch
+
+    from sdray.engine import DiffusionEngine
+
+    torch.set_num_threads(1)
+    config = SdrayConfig.model_validate_json(config_json)
+    engine = DiffusionEngine.from_config(config.model, max_batch_size=config.batch.batch_size)
+    requests = bench_requests(config, config.batch.batch_size)
+    engine.generate(requests)
+    ready.wait(timeout=300)
+    images, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        engine.generate(requests)
+        images += len(requests)
+    results.put(images / (time.perf_counter() - started))
+
+
+def process_scaling(config: SdrayConfig, processes: int, seconds: float = 10.0) -> list[float]:
+    """What the machine itself gives: images/s of each of `processes` one-thread engine
+    processes (no Ray) generating at the same time, timed together."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    ready, results = context.Barrier(processes + 1), context.Queue()
+    workers = [
+        context.Process(
+            target=_engine_process, args=(config.model_dump_json(), seconds, ready, results)
+        )
+        for _ in range(processes)
+    ]
+    for worker in workers:
+        worker.start()
+    try:
+        ready.wait(timeout=300)  # every engine loaded and warm: all start at once
+        return [results.get(timeout=seconds + 120) for _ in workers]
+    finally:
+        for worker in workers:
+            worker.join(timeout=30)
+            if worker.is_alive():
+                worker.kill()
+
+
 def _accounting(run: RayRun, cores: int) -> list[str]:
     """Where the cores went during a Ray run, as lines of the report."""
     capacity = cores * run.summary.wall_seconds
@@ -423,4 +468,16 @@ def run_bench(
                     f"{run.actors}x)"
                 )
                 figures["scaling"] = {"actors": run.actors, "one_actor": single, "factor": factor}
+                # The same engine in separate one-thread processes, without Ray: what this
+                # machine's cores give (shared caches, SMT siblings, a busy host).
+                alone_rates = process_scaling(config, 1)  # alone, together, alone again:
+                together = sum(process_scaling(config, run.actors))  # the host's drift
+                alone_rates += process_scaling(config, 1)  # evens out
+                machine = together / (sum(alone_rates) / 2)
+                lines.append(
+                    f"  the machine itself: {run.actors} one-thread engine processes without Ray "
+                    f"{together:.2f} images/s vs 1 process {sum(alone_rates) / 2:.2f}: "
+                    f"{machine:.2f}x; the pipeline's scaling is {factor / machine:.0%} of that"
+                )
+                figures["scaling"]["machine_factor"] = machine
     return figures

@@ -1,0 +1,22 @@
+"""`sdray bench`'s reference for multi-actor scaling: the machine's own, without Ray."""
+
+from __future__ import annotations
+
+import pytest
+
+from sdray.bench import process_scaling
+from sdray.config import SdrayConfig
+
+
+@pytest.mark.timeout(300)
+def test_engine_processes_are_timed_together_each_with_its_own_rate(model_cache):
+    config = SdrayConfig.model_validate(
+        {
+            "model": {"source": "tiny"},
+            "generation": {"steps": 2, "width": 64, "height": 64},
+            "batch": {"batch_size": 2},
+        }
+    )
+    rates = process_scaling(config, processes=2, seconds=1.0)
+    assert len(rates) == 2  # one figure from each process, both timed after the barrier
+    assert all(rate > 0 for rate in rates)
