@@ -333,7 +333,7 @@ def test_a_ray_that_sdray_starts_keeps_room_for_idle_task_workers(tmp_path):
     script = (
         "import json, os, ray\n"
         "from sdray.batch.job import ensure_ray\n"
-        f"ensure_ray()\n"
+        "ensure_ray()\n"
         f"seen = ray.get(ray.remote(lambda: os.environ.get({WORKER_POOL_ENV!r})).remote())\n"
         f"print(json.dumps([seen, os.environ.get({WORKER_POOL_ENV!r})]))\n"
         "ray.shutdown()\n"
