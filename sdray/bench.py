@@ -287,10 +287,14 @@ def _engine_process(config_json: str, seconds: float, ready, results) -> None:
     from sdray.engine import DiffusionEngine
 
     torch.set_num_threads(1)
-    config = SdrayConfig.model_validate_json(config_json)
-    engine = DiffusionEngine.from_config(config.model, max_batch_size=config.batch.batch_size)
-    requests = bench_requests(config, config.batch.batch_size)
-    engine.generate(requests)
+    try:
+        config = SdrayConfig.model_validate_json(config_json)
+        engine = DiffusionEngine.from_config(config.model, max_batch_size=config.batch.batch_size)
+        requests = bench_requests(config, config.batch.batch_size)
+        engine.generate(requests)
+    except BaseException:
+        ready.abort()  # the others and the parent stop waiting at once
+        raise
     ready.wait(timeout=300)
     images, started = 0, time.perf_counter()
     while time.perf_counter() - started < seconds:

@@ -20,3 +20,18 @@ def test_engine_processes_are_timed_together_each_with_its_own_rate(model_cache)
     rates = process_scaling(config, processes=2, seconds=1.0)
     assert len(rates) == 2  # one figure from each process, both timed after the barrier
     assert all(rate > 0 for rate in rates)
+
+
+@pytest.mark.timeout(120)
+def test_a_process_that_cannot_load_its_engine_fails_the_measurement_at_once(model_cache):
+    """No 300 s wait at the barrier for a process that died loading its model."""
+    import threading
+
+    config = SdrayConfig.model_validate(
+        {
+            "model": {"source": "/nonexistent/model"},
+            "generation": {"steps": 2, "width": 64, "height": 64},
+        }
+    )
+    with pytest.raises(threading.BrokenBarrierError):
+        process_scaling(config, processes=1, seconds=1.0)
