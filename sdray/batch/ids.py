@@ -131,9 +131,9 @@ class IdRegistry:
         actor = ray.remote(num_cpus=0, scheduling_strategy=here)(IdShard)
         return cls([actor.remote(sources) for _ in range(shards)])
 
-    def claim(self, ids: list[str], owners: np.ndarray) -> list[str | None]:
-        """Claim `ids` for `owners`; for each, None when it keeps its id, else where the row that
-        keeps it is."""
+    def claim(self, ids: list[str], owners: np.ndarray) -> dict[int, str]:
+        """Claim `ids` for `owners`; return, for each id another row keeps, its position in
+        `ids` -> where that row is (empty when every id is kept)."""
         import ray
 
         hi, lo = digests(ids)
@@ -144,13 +144,12 @@ class IdRegistry:
         replies = [shard.claim.remote(hi[part], lo[part], owners[part]) for shard, part in parts]
         for (_, part), reply in zip(parts, ray.get(replies), strict=True):
             winners[part] = reply
-        lost = [int(w) for w, o in zip(winners, owners, strict=True) if w != o]
-        where = (
-            dict(zip(lost, ray.get(self.shards[0].describe.remote(lost)), strict=True))
-            if lost
-            else {}
-        )
-        return [None if w == o else where[int(w)] for w, o in zip(winners, owners, strict=True)]
+        lost = np.flatnonzero(winners != owners)
+        if not len(lost):
+            return {}
+        keepers = np.unique(winners[lost]).tolist()
+        where = dict(zip(keepers, ray.get(self.shards[0].describe.remote(keepers)), strict=True))
+        return {int(i): where[int(w)] for i, w in zip(lost, winners[lost], strict=True)}
 
     def close(self) -> None:
         import ray

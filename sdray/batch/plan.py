@@ -31,7 +31,7 @@ class JobPlan:
     rows_per_unit: int
     sources: list[str]  # the input files, in order
     has_ids: bool
-    parquet_rows: int  # rows of the Parquet files, from their footers (text files: as read)
+    rows_estimate: int  # Parquet files' rows (from their footers) and text files' estimates
     committed_paths: list[str] = field(default_factory=list)
 
 
@@ -55,7 +55,8 @@ def plan_job(
         raise SdrayError(
             f"output.partition_by names columns the table does not have: {', '.join(missing)}"
         )
-    rows_per_unit = int((previous or {}).get("rows_per_unit") or _shard_rows(files, config))
+    rows = sum(f.get("rows", f.get("rows_estimate", 0)) for f in files)
+    rows_per_unit = int((previous or {}).get("rows_per_unit") or _shard_rows(rows, config))
     tasks = plan_read_tasks(files, rows_per_unit)
     plan = JobPlan(
         tasks=tasks,
@@ -64,17 +65,16 @@ def plan_job(
         rows_per_unit=rows_per_unit,
         sources=[f["source"] for f in files],
         has_ids="id" in names,
-        parquet_rows=sum(f.get("rows", 0) for f in files),
+        rows_estimate=rows,
     )
     if previous is not None:
         _attach_committed(plan, input_uri, output_uri, storage, len(config.output.partition_by))
     return plan
 
 
-def _shard_rows(files: list[dict[str, Any]], config: SdrayConfig) -> int:
-    """`output.rows_per_shard`, or fewer for a small table, so that every model actor has work
-    (a shard is the work of one actor call)."""
-    rows = sum(f.get("rows", f.get("rows_estimate", 0)) for f in files)
+def _shard_rows(rows: int, config: SdrayConfig) -> int:
+    """`output.rows_per_shard`, or fewer for a small table (of about `rows` rows), so that every
+    model actor has work (a shard is the work of one actor call)."""
     spread = (
         math.ceil(rows / (2 * config.batch.max_actors)) if rows else config.output.rows_per_shard
     )
@@ -137,7 +137,10 @@ def start_registry(
 
     if not plan.has_ids:
         return None
-    registry = IdRegistry.start(max(2, math.ceil(plan.parquet_rows / 25_000_000)), plan.sources)
+    # An actor per 25M ids (about 600 MB of digests each); one below that, so a small job
+    # starts one process fewer.
+    shards = max(1, math.ceil(plan.rows_estimate / 25_000_000))
+    registry = IdRegistry.start(shards, plan.sources)
     if plan.committed_paths:
         # From the driver, a shard at a time (a few threads for object-store latency): a
         # separate Ray Data job here cost more in worker start-up than the reading itself.

@@ -19,6 +19,7 @@ import urllib.parse
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 
 from sdray.batch.read import conform_chunk, read_prompt_file
@@ -294,11 +295,8 @@ class PrepareUnits:
                 if earlier["digest"] != parse_unit_name(name)[2]:
                     raise self._changed(task, index)
                 dirs = partition_dirs(prepared, self.partition_by)
-                keep = pa.array([d not in earlier["pieces"] for d in dirs])
-                todo, owners = (
-                    prepared.filter(keep),
-                    [o for o, k in zip(owners, keep.to_pylist(), strict=True) if k],
-                )
+                keep = np.array([d not in earlier["pieces"] for d in dirs], bool)
+                todo, owners = prepared.filter(pa.array(keep)), owners[keep]
             if self.registry is not None and todo.num_rows:
                 todo = self._settle_duplicates(todo, owners)
             if self.order_by and todo.num_rows > 1:
@@ -307,20 +305,17 @@ class PrepareUnits:
         if committed:
             raise self._changed(task, min(committed))
 
-    def _settle_duplicates(self, table: pa.Table, owners: list[int]) -> pa.Table:
+    def _settle_duplicates(self, table: pa.Table, owners: np.ndarray) -> pa.Table:
         """Rows whose id another row claimed first: error rows naming it, with a null id."""
-        import numpy as np
-
         ids = table.column("id").to_pylist()
-        lost = self.registry.claim(ids, np.array(owners, np.int64))
-        if not any(lost):
+        lost = self.registry.claim(ids, owners)
+        if not lost:
             return table
         status, error = table.column("status").to_pylist(), table.column("error").to_pylist()
-        for i, where in enumerate(lost):
-            if where is not None:
-                message = f"id={ids[i]!r}: also the id of {where}, which keeps it"
-                status[i], error[i] = "error", "; ".join(e for e in (error[i], message) if e)
-                ids[i] = None
+        for i, where in lost.items():
+            message = f"id={ids[i]!r}: also the id of {where}, which keeps it"
+            status[i], error[i] = "error", "; ".join(e for e in (error[i], message) if e)
+            ids[i] = None
         for name, values in (("id", ids), ("status", status), ("error", error)):
             table = table.set_column(
                 table.column_names.index(name), name, pa.array(values, pa.string())
@@ -337,12 +332,15 @@ class PrepareUnits:
         )
 
 
-def _owners(table: pa.Table, files: list[dict[str, Any]]) -> list[int]:
+def _owners(table: pa.Table, files: list[dict[str, Any]]) -> np.ndarray:
     """Each row's position in the input, as the id registry keys claims (see `sdray.batch.ids`)."""
+    import pyarrow.compute as pc
+
     from sdray.batch.ids import FILE_SHIFT
     from sdray.requests import ROW_COLUMN, SOURCE_COLUMN
 
-    index_of = {file["source"]: file["index"] for file in files}
-    sources = table.column(SOURCE_COLUMN).to_pylist()
-    rows = table.column(ROW_COLUMN).to_pylist()
-    return [(index_of[s] << FILE_SHIFT) | r for s, r in zip(sources, rows, strict=True)]
+    sources = pa.array([file["source"] for file in files], pa.string())
+    indices = np.array([file["index"] for file in files], np.int64)
+    which = pc.index_in(table.column(SOURCE_COLUMN), value_set=sources).to_numpy()
+    rows = table.column(ROW_COLUMN).to_numpy().astype(np.int64)
+    return (indices[which] << FILE_SHIFT) | rows

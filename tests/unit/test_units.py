@@ -118,6 +118,51 @@ def test_a_unit_name_says_which_rows_it_holds(tmp_path):
         list(prepare(pa.table({"task": [json.dumps(tasks[0])]})))
 
 
+def test_a_resumed_unit_redoes_only_its_uncommitted_partitions_and_claims_their_ids(tmp_path):
+    """A unit whose `lang=en` shard an earlier run committed: only its `fr` rows are redone, they
+    claim their ids as the rows at their places in the input, and a row whose id another row
+    keeps becomes an error row naming it."""
+    from sdray.batch.ids import FILE_SHIFT
+
+    (tmp_path / "a.csv").write_text("id,prompt,lang\nz,q,fr\n")
+    (tmp_path / "p.csv").write_text("id,prompt,lang\na,x,en\nb,y,fr\nc,z,en\nd,w,fr\n")
+    (task,), text, expected = _planned(tmp_path, 10)  # one unit: both files' rows
+
+    class Registry:  # stands in for the registry actors: "d" is kept by another row
+        claims: list = []
+
+        def claim(self, ids, owners):
+            self.claims.append((list(ids), owners.tolist()))
+            return {i: "a.csv:0" for i, x in enumerate(ids) if x == "d"}
+
+    def units(spec, registry=None):
+        prepare = PrepareUnits(
+            GenerationConfig(width=64, height=64),
+            rows_per_unit=10,
+            text_columns=text,
+            expected=expected,
+            partition_by=["lang"],
+            order_by=[],
+            registry=registry,
+        )
+        batch = pa.table({"task": [json.dumps(spec)]})
+        return [r for t in prepare(batch) for r in t.to_pylist()]
+
+    (first,) = units(task)
+    digest = parse_unit_name(first["unit"])[2]
+    task["committed"] = {"0": {"digest": digest, "pieces": ["lang=en/"]}}
+    registry = Registry()
+    (row,) = units(task, registry)
+    assert (row["rows"], row["done"]) == (5, 2)
+    redone = unpack(row["table"])
+    assert redone.column("lang").to_pylist() == ["fr", "fr", "fr"]
+    p = 1 << FILE_SHIFT  # p.csv is the input's second file; rows count from 0 in each file
+    assert registry.claims == [(["z", "b", "d"], [0, p | 1, p | 3])]
+    assert redone.column("id").to_pylist() == ["z", "b", None]
+    assert redone.column("status").to_pylist() == ["ok", "ok", "error"]
+    assert "id='d': also the id of a.csv:0" in redone.column("error")[2].as_py()
+
+
 def test_the_first_claim_of_an_id_wins_and_claims_repeat_safely():
     store = ClaimStore()
 
