@@ -129,7 +129,8 @@ def test_a_resumed_unit_redoes_only_its_uncommitted_partitions_and_claims_their_
     (task,), text, expected = _planned(tmp_path, 10)  # one unit: both files' rows
 
     class Registry:  # stands in for the registry actors: "d" is kept by another row
-        claims: list = []
+        def __init__(self) -> None:
+            self.claims: list = []
 
         def claim(self, ids, owners):
             self.claims.append((list(ids), owners.tolist()))
