@@ -1,12 +1,11 @@
 """What a job needs from a cluster of several nodes: credentials on every worker (without
-writing them into Ray's logs), local paths that every node can see, and per-node statistics."""
+writing them into Ray's logs), local paths that every node can see, and who made what (per-node statistics)."""
 
 from __future__ import annotations
 
 import logging
 import os
 import socket
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -190,28 +189,31 @@ def _reports(refs) -> list[dict[str, Any]]:
 # --- Per-node statistics ----------------------------------------------------------------
 
 
-class GenerationStats:
-    """A small actor on the driver's node that model actors report each batch to."""
+def actor_identity() -> dict[str, Any]:
+    """Who a model actor is, for the per-node figures: its Ray actor and node, host and pid
+    (outside Ray, the process alone)."""
+    import ray
 
-    def __init__(self) -> None:
-        self.actors: dict[str, dict[str, Any]] = {}
-
-    def record(self, actor: dict[str, Any], images: int, errors: int, seconds: float) -> None:
-        entry = self.actors.setdefault(
-            actor["actor_id"], {**actor, "images": 0, "errors": 0, "busy_s": 0.0}
+    identity = {"actor_id": f"process-{os.getpid()}", "node_id": "", "host": socket.gethostname()}
+    if ray.is_initialized():
+        context = ray.get_runtime_context()
+        identity.update(
+            actor_id=context.get_actor_id() or identity["actor_id"], node_id=context.get_node_id()
         )
-        entry["images"] += images
-        entry["errors"] += errors
-        entry["busy_s"] += seconds
-        entry["last_batch_at"] = time.time()
+    return {**identity, "pid": os.getpid()}
 
-    def summary(self) -> dict[str, list[dict[str, Any]]]:
-        return summarize(list(self.actors.values()))
+
+def later_figures(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """Of two snapshots of one model actor's running totals, the later (the one with more done)."""
+    key = lambda f: (f["images"] + f["errors"], f["busy_s"])  # noqa: E731
+    return b if key(b) > key(a) else a
 
 
 def summarize(actors: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
-    """Per actor and per node: images made, rows failed, busy seconds, images per busy second."""
+    """Per actor and per node: images made, rows failed, busy seconds, images per busy second
+    (actors that generated nothing are left out)."""
     nodes: dict[str, dict[str, Any]] = {}
+    actors = [dict(a) for a in actors if a["images"] or a["errors"]]
     for actor in actors:
         actor["images_per_s"] = (
             round(actor["images"] / actor["busy_s"], 4) if actor["busy_s"] else 0.0
@@ -234,57 +236,3 @@ def summarize(actors: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
         node["images_per_s"] = round(node["images_per_s"] + actor["images_per_s"], 4)
     key = lambda entry: (-entry["images"], entry["node_id"])  # noqa: E731
     return {"nodes": sorted(nodes.values(), key=key), "actors": sorted(actors, key=key)}
-
-
-def start_stats_actor():
-    """The job's GenerationStats actor, on the driver's node (which outlives the job's worker
-    nodes); end it with `collect_stats`."""
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    here = ray.get_runtime_context().get_node_id()
-    return (
-        ray.remote(GenerationStats)
-        .options(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=True))
-        .remote()
-    )
-
-
-def collect_stats(stats) -> dict[str, list[dict[str, Any]]]:
-    """The figures the job's model actors reported, per node and per actor; ends the actor."""
-    import ray
-
-    if stats is None:
-        return {"nodes": [], "actors": []}
-    try:
-        return ray.get(stats.summary.remote(), timeout=60)
-    except Exception as error:  # noqa: BLE001 - the images are made; the figures are extra
-        log.warning("could not collect per-node statistics: %s", error)
-        return {"nodes": [], "actors": []}
-    finally:
-        ray.kill(stats)
-
-
-class StatsReporter:
-    """Used inside a model actor: reports each batch to the job's GenerationStats, if any."""
-
-    def __init__(self, stats) -> None:
-        import ray
-
-        context = ray.get_runtime_context()
-        self.stats = stats
-        self.actor = {
-            "actor_id": context.get_actor_id() or f"process-{os.getpid()}",
-            "node_id": context.get_node_id(),
-            "host": socket.gethostname(),
-            "pid": os.getpid(),
-        }
-
-    def report(self, images: int, errors: int, seconds: float) -> None:
-        import ray
-
-        try:
-            # Waited for: an actor's fire-and-forget calls can be lost when Ray Data ends it.
-            ray.get(self.stats.record.remote(self.actor, images, errors, seconds), timeout=10)
-        except Exception as error:  # noqa: BLE001 - statistics never fail a batch
-            log.warning("could not report batch statistics: %s", error)

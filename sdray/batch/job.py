@@ -19,10 +19,9 @@ from typing import Any
 
 from sdray.batch.cluster import (
     check_paths_on_every_node,
-    collect_stats,
     local_ray_settings,
     runtime_env_for_driver,
-    start_stats_actor,
+    summarize,
 )
 from sdray.batch.lease import check_held, is_lease_file, lease_run, output_lease
 from sdray.batch.plan import JobPlan, plan_job, start_registry
@@ -535,10 +534,9 @@ def _run_generate(
         storage_options=storage,
     )
     generate_started = time.perf_counter()
-    stats = start_stats_actor()
     try:
         _pipeline(
-            plan, config, model, generate_stage, registry, output_uri, stats, input_uri
+            plan, config, model, generate_stage, registry, output_uri, input_uri
         ).write_datasink(sink, ray_remote_args={"num_cpus": 0.25})
     except Exception as error:
         failure = _unwrap(error)
@@ -551,9 +549,9 @@ def _run_generate(
     finally:
         if registry is not None:
             registry.close()
-        per_node = collect_stats(stats)
     marks["generate"] = time.perf_counter() - generate_started
     check_held(fs, root, run)  # a run that lost the output leaves its manifest alone too
+    per_node = summarize(list(sink.stats.get("actors", {}).values()))
     return _finish(
         manifest, sink.stats, config, previous, started=started, marks=marks, per_node=per_node
     )
@@ -566,7 +564,6 @@ def _pipeline(
     generate_stage: type,
     registry,
     output_uri: str,
-    stats,
     input_uri: str,
 ):
     """The lazy Ray Data pipeline: read and prepare units (tasks) -> fetch init and mask images
@@ -616,7 +613,6 @@ def _pipeline(
                     "storage_options": storage,
                     "max_error_fraction": batch.max_error_fraction,
                     "preview_every": config.output.preview_every,
-                    "stats": stats,
                 },
             },
             batch_size=1,

@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 from ray.data import Datasink
 from ray.data.block import Block, BlockAccessor
 
+from sdray.batch.cluster import later_figures
 from sdray.batch.lease import check_held
 from sdray.batch.stages import IMAGE_COLUMN, STRIP_COLUMN
 from sdray.batch.units import partition_dirs, unpack
@@ -354,6 +355,13 @@ def _merge_stats(total: dict[str, Any], part: dict[str, Any]) -> dict[str, Any]:
             out[key] = (out.get(key, []) + value)[:EXAMPLES]
         elif key == "partition_types":
             out[key] = {**value, **{k: v for k, v in out.get(key, {}).items() if v != "null"}}
+        elif key == "actors":  # each model actor's latest running totals
+            actors = dict(out.get(key, {}))
+            for actor, figures in value.items():
+                actors[actor] = (
+                    later_figures(actors[actor], figures) if actor in actors else figures
+                )
+            out[key] = actors
         elif key.endswith("_at"):
             known = [t for t in (out.get(key), value) if t is not None]
             out[key] = min(known) if known else None
@@ -401,6 +409,9 @@ class ImageDatasink(Datasink):
             "done_before": unit["done"],
             **{k: unit[k] for k in ("read_at", "actor_ready_at", "generated_at")},
         }
+        if unit.get("actor_figures"):
+            figures = json.loads(unit["actor_figures"])
+            stats["actors"] = {figures["actor_id"]: figures}
         if unit["table"] is None:
             return stats
         table = unpack(unit["table"])

@@ -227,8 +227,8 @@ class GenerateStage:
         model_sha256: str | None = None,
         model_family: str | None = None,
         preview_every: int = 0,
-        stats: Any = None,
     ) -> None:
+        from sdray.batch.cluster import actor_identity
         from sdray.engine import DiffusionEngine
 
         started = time.perf_counter()
@@ -249,12 +249,9 @@ class GenerateStage:
         self.attempted = 0
         self.failed = 0
         self.engine_lock = threading.Lock()
-        # stats: the job's GenerationStats actor (sdray.batch.cluster), for per-node figures.
-        self.reporter = None
-        if stats is not None:
-            from sdray.batch.cluster import StatsReporter
-
-            self.reporter = StatsReporter(stats)
+        # This actor's running totals: each unit it hands on carries a copy (see `UnitStage`),
+        # so the job's per-node figures travel with the units to the sink.
+        self.figures = {**actor_identity(), "images": 0, "errors": 0, "busy_s": 0.0}
         log.info("model actor ready in %.1fs", time.perf_counter() - started)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -280,9 +277,10 @@ class GenerateStage:
             results = self._generate(requests)
             self.failed += sum(r.error is not None for r in results)
             self.attempted += len(todo)
-            if self.reporter is not None and todo:
-                failed = self.failed - failed_before
-                self.reporter.report(len(todo) - failed, failed, time.perf_counter() - started)
+            failed = self.failed - failed_before
+            self.figures["images"] += len(todo) - failed
+            self.figures["errors"] += failed
+            self.figures["busy_s"] += time.perf_counter() - started
             self._check_budget()
         for index, result in zip(todo, results, strict=True):
             truncated[index] = result.truncated

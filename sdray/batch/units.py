@@ -13,6 +13,7 @@ and a resume knows what is done from the shard names alone.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import time
 import urllib.parse
@@ -38,6 +39,8 @@ UNIT_SCHEMA = pa.schema(
         ("read_at", pa.float64()),  # when each stage was done with it (for the start-up figures)
         ("actor_ready_at", pa.float64()),
         ("generated_at", pa.float64()),
+        # the generating actor's running totals after this unit, as JSON (see GenerateStage)
+        ("actor_figures", pa.string()),
     ]
 )
 
@@ -188,6 +191,7 @@ def unit_row(name: str, rows: int, done: int, table: pa.Table | None) -> pa.Tabl
             "read_at": [time.time()],
             "actor_ready_at": [None],
             "generated_at": [None],
+            "actor_figures": [None],
         },
         schema=UNIT_SCHEMA,
     )
@@ -199,7 +203,8 @@ class UnitStage:
 
     `stage` is a stage object, or a class built once per process (a model actor) from
     `stage_kwargs`; `generates`: record on each unit when this process was ready and when it
-    was done with the unit (the start-up figures in the manifest).
+    was done with the unit (the start-up figures in the manifest), and a copy of the stage's
+    running `figures` where it keeps them (the per-node figures).
     """
 
     def __init__(
@@ -228,6 +233,9 @@ class UnitStage:
         if self.generates:
             units = _set(units, "actor_ready_at", [self.ready_at] * units.num_rows)
             units = _set(units, "generated_at", [time.time()] * units.num_rows)
+            figures = getattr(self.stage, "figures", None)
+            copy = json.dumps(figures) if figures is not None else None
+            units = _set(units, "actor_figures", pa.array([copy] * units.num_rows, pa.string()))
         return units
 
 
@@ -269,8 +277,6 @@ class PrepareUnits:
         self.output_uri = output_uri
 
     def __call__(self, batch: pa.Table) -> Iterator[pa.Table]:
-        import json
-
         for spec in batch.column("task").to_pylist():
             yield from self._units(json.loads(spec))
 

@@ -147,6 +147,12 @@ def test_shards_and_manifest(generated):
     assert {"ray", "torch", "diffusers", "sdray"} <= set(manifest["versions"])
     assert manifest["throughput"]["images_per_s"] > 0
     assert manifest["timings"]["wall_s"] > 0
+    # Who made what: the model actors' running totals, carried by the units to the sink, add
+    # up to the images the output holds (the 4 invalid rows never reached a model actor).
+    actors, (node,) = manifest["actors"], manifest["nodes"]
+    assert sum(a["images"] for a in actors) == node["images"] == 6
+    assert sum(a["errors"] for a in actors) == node["errors"] == 0
+    assert node["actors"] == len(actors) and all(a["busy_s"] > 0 for a in actors)
 
 
 def test_same_rows_same_images_on_rerun_with_other_batching(generated, tmp_path, sdray_env):

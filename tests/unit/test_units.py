@@ -230,6 +230,35 @@ def files(root) -> list[str]:
     return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
 
 
+def test_a_model_actors_latest_running_totals_reach_the_sink_with_its_units(tmp_path):
+    """Each generated unit carries a copy of its actor's running totals; the sink keeps each
+    actor's latest, whatever order the units are written in."""
+    from sdray.batch.units import UnitStage
+
+    class Counting:  # a stage that keeps running totals, as GenerateStage does
+        figures = {"actor_id": "a1", "node_id": "n1", "host": "h", "pid": 1}
+        figures.update(images=0, errors=0, busy_s=0.0)
+
+        def __call__(self, rows: pa.Table) -> pa.Table:
+            self.figures["images"] += rows.num_rows
+            self.figures["busy_s"] += 0.5
+            return rows
+
+    stage = UnitStage(Counting(), rows_per_call=2, generates=True)
+    first = stage(_generated_unit("part-0123456789ab-0000001-deadbeef", n=3))
+    second = stage(_generated_unit("part-0123456789ab-0000002-deadbeef", n=2))
+    sink = _sink(tmp_path, "run1", fmt="parquet")
+
+    class Written:
+        write_returns = [sink.write([unit], None) for unit in (second, first)]
+
+    sink.on_write_complete(Written())
+    assert sink.stats["actors"] == {
+        "a1": {"actor_id": "a1", "node_id": "n1", "host": "h", "pid": 1, "images": 5}
+        | {"errors": 0, "busy_s": 1.5}
+    }
+
+
 @pytest.mark.parametrize("fmt", ["files", "webdataset", "parquet"])
 def test_a_shard_is_committed_once_however_often_it_is_written(tmp_path, fmt):
     """A write task retried after its node was lost (it had committed), or a run resumed over
