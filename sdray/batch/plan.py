@@ -137,9 +137,11 @@ def start_registry(
 
     if not plan.has_ids:
         return None
-    # An actor per 25M ids (about 600 MB of digests each); one below that, so a small job
-    # starts one process fewer.
-    shards = max(1, math.ceil(plan.rows_estimate / 25_000_000))
+    # An actor per 25M ids (about 600 MB of digests each), and at least two from a million
+    # rows so that concurrent read tasks' claims spread over two processes (a 10M-row run was
+    # 3-5% slower with one); one below that, so a small job starts a process fewer.
+    rows = plan.rows_estimate
+    shards = 1 if rows <= 1_000_000 else max(2, math.ceil(rows / 25_000_000))
     registry = IdRegistry.start(shards, plan.sources)
     if plan.committed_paths:
         # From the driver, a shard at a time (a few threads for object-store latency): a
