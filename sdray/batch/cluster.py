@@ -1,5 +1,6 @@
 """What a job needs from a cluster of several nodes: credentials on every worker (without
-writing them into Ray's logs), local paths that every node can see, and who made what (per-node statistics)."""
+writing them into Ray's logs), local paths that every node can see, and who made what
+(per-node statistics)."""
 
 from __future__ import annotations
 
