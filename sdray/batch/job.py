@@ -532,6 +532,7 @@ def _run_generate(
         run_id=(run or uuid.uuid4().hex)[:8],
         lease_run=run,
         storage_options=storage,
+        encode=EncodeStage(config.output),
     )
     generate_started = time.perf_counter()
     try:
@@ -566,9 +567,9 @@ def _pipeline(
     output_uri: str,
     input_uri: str,
 ):
-    """The lazy Ray Data pipeline: read and prepare units (tasks) -> fetch init and mask images
-    (tasks) -> generate (model actors) -> encode (tasks); one unit per block and per task all
-    the way."""
+    """The lazy Ray Data pipeline: read and prepare units, fetching their init and mask images
+    (tasks) -> generate (model actors); one unit per block and per task all the way. The
+    datasink's write tasks encode and write each unit (`ImageDatasink`'s `encode`)."""
     import ray
 
     batch = config.batch
@@ -587,12 +588,11 @@ def _pipeline(
         registry=registry,
         storage_options=storage,
         output_uri=output_uri,
+        # Init and mask images: fetched, decoded and sized by the read tasks, so model actors
+        # receive ready pixels.
+        fetch=ImageInputStage(config.generation, input_base(input_uri, storage), storage),
     )
     units = source.map_batches(prepare, batch_size=1, batch_format="pyarrow", num_cpus=0.25)
-    # Init and mask images: fetched, decoded and sized by CPU tasks, so model actors receive
-    # ready pixels.
-    fetch = ImageInputStage(config.generation, input_base(input_uri, storage), storage)
-    units = units.map_batches(UnitStage(fetch), batch_size=1, batch_format="pyarrow", num_cpus=0.25)
     with warnings.catch_warnings():
         # Ray Data 2.60 takes actor restart limits only through its deprecated
         # **ray_remote_args (there is no named parameter yet); revisit on upgrade.
@@ -620,9 +620,7 @@ def _pipeline(
             compute=actor_pool(config),
             **actor_resources(config),
         )
-    return pixels.map_batches(
-        UnitStage(EncodeStage(config.output)), batch_size=1, batch_format="pyarrow", num_cpus=0.25
-    )
+    return pixels
 
 
 def _finish(

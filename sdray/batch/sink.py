@@ -19,7 +19,7 @@ import json
 import os
 import tarfile
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -371,7 +371,8 @@ def _merge_stats(total: dict[str, Any], part: dict[str, Any]) -> dict[str, Any]:
 
 
 class ImageDatasink(Datasink):
-    """Writes each unit's images (through the configured writer) and metadata shards."""
+    """Writes each unit's images (through the configured writer) and metadata shards, after
+    `encode` (the encode stage) where one is given: a write task encodes and writes its units."""
 
     def __init__(
         self,
@@ -383,8 +384,10 @@ class ImageDatasink(Datasink):
         run_id: str,
         lease_run: str | None,
         storage_options: dict[str, Any] | None = None,
+        encode: Callable[[pa.Table], pa.Table] | None = None,
     ) -> None:
         self.output_uri = output_uri
+        self.encode = encode  # the encode stage, run by the write task on each unit's rows
         self.output_format = output_format
         self.extension = EXTENSIONS[image_format]
         self.partition_by = list(partition_by)
@@ -415,9 +418,13 @@ class ImageDatasink(Datasink):
         if unit["table"] is None:
             return stats
         table = unpack(unit["table"])
-        dirs = partition_dirs(table, self.partition_by)
-        for directory in dict.fromkeys(dirs):
-            piece = table.filter(pa.array([d == directory for d in dirs]))
+        if self.encode is not None:
+            table = self.encode(table)
+        pieces: dict[str, list[int]] = {}  # each partition's rows, in the unit's order
+        for index, directory in enumerate(partition_dirs(table, self.partition_by)):
+            pieces.setdefault(directory, []).append(index)
+        for directory, rows in pieces.items():
+            piece = table if len(pieces) == 1 else table.take(pa.array(rows, pa.int64()))
             stats = _merge_stats(
                 stats, self._write_shard(fs, root, writer, directory, unit["unit"], piece)
             )

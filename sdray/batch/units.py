@@ -250,8 +250,9 @@ class InputChanged(SdrayError):
 
 class PrepareUnits:
     """The read stage: read each unit of a batch of read tasks, validate it (`PrepareStage`),
-    leave out what an earlier run committed, settle duplicate ids, and order its rows so
-    denoising batches stay homogeneous; one Ray Data row per unit."""
+    leave out what an earlier run committed, settle duplicate ids, order its rows so denoising
+    batches stay homogeneous, and hand the rows still to generate to `fetch` (the image-input
+    stage, where one is given); one Ray Data row per unit."""
 
     def __init__(
         self,
@@ -265,6 +266,7 @@ class PrepareUnits:
         registry: Any = None,
         storage_options: dict[str, Any] | None = None,
         output_uri: str = "",
+        fetch: Any = None,
     ) -> None:
         from sdray.batch.stages import PrepareStage
 
@@ -275,6 +277,7 @@ class PrepareUnits:
         self.registry = registry
         self.storage_options = storage_options
         self.output_uri = output_uri
+        self.fetch = fetch
 
     def __call__(self, batch: pa.Table) -> Iterator[pa.Table]:
         for spec in batch.column("task").to_pylist():
@@ -307,6 +310,8 @@ class PrepareUnits:
                 todo = self._settle_duplicates(todo, owners)
             if self.order_by and todo.num_rows > 1:
                 todo = todo.sort_by([(column, "ascending") for column in self.order_by])
+            if self.fetch is not None and todo.num_rows:
+                todo = self.fetch(todo)
             yield unit_row(name, prepared.num_rows, prepared.num_rows - todo.num_rows, todo)
         if committed:
             raise self._changed(task, min(committed))
