@@ -294,3 +294,44 @@ def test_a_run_that_lost_the_lease_commits_nothing(tmp_path):
     assert files(tmp_path) == [LEASE]
     held = _sink(tmp_path, "run2", lease_run="newer").write([_generated_unit(UNIT)], None)
     assert held["shards"] == 1
+
+
+def test_a_write_task_encodes_a_unit_and_writes_one_shard_per_partition_in_its_order(tmp_path):
+    """The sink encodes a generated unit's raw pixels itself (the encode stage runs in the
+    write task) and splits a unit that spans partitions into one shard each, rows in order."""
+    import io
+
+    from PIL import Image
+
+    from sdray.batch.sink import ImageDatasink
+    from sdray.batch.stages import PIXELS_COLUMN, EncodeStage
+    from sdray.batch.units import unit_row
+    from sdray.config import OutputConfig
+    from sdray.requests import prepare_table
+
+    langs = ["en", "fr", "en", "fr", "en"]
+    rows = prepare_table(
+        pa.table({"id": [f"k{i}" for i in range(5)], "prompt": ["p"] * 5, "lang": langs}),
+        GenerationConfig(width=8, height=8),
+    )
+    pixels = [bytes([10 * i]) * (8 * 8 * 3) for i in range(5)]  # row i: one flat grey
+    rows = rows.append_column("model", pa.array(["tiny"] * 5))
+    rows = rows.append_column("truncated", pa.array([False] * 5))
+    rows = rows.append_column(PIXELS_COLUMN, pa.array(pixels, pa.binary()))
+    sink = ImageDatasink(
+        str(tmp_path),
+        output_format="files",
+        image_format="png",
+        partition_by=["lang"],
+        run_id="run1",
+        lease_run=None,
+        encode=EncodeStage(OutputConfig()),
+    )
+    stats = sink.write([unit_row(UNIT, 5, 0, rows)], None)
+    assert (stats["shards"], stats["rows"], stats["ok"]) == (2, 5, 5)
+    for lang, expected in (("en", [0, 2, 4]), ("fr", [1, 3])):
+        shard = pq.read_table(tmp_path / "metadata" / f"lang={lang}" / f"{UNIT}.parquet")
+        assert shard.column("id").to_pylist() == [f"k{i}" for i in expected]
+        for i, path in zip(expected, shard.column("image_path").to_pylist(), strict=True):
+            image = Image.open(io.BytesIO((tmp_path / path).read_bytes()))
+            assert image.format == "PNG" and image.getpixel((3, 3)) == (10 * i,) * 3
