@@ -602,7 +602,6 @@ def _pipeline(
             fn_constructor_kwargs={
                 "stage": generate_stage,
                 "rows_per_call": batch.batch_size,
-                "generates": True,
                 "stage_kwargs": {
                     "model": config.model,
                     "model_name": model["name"],

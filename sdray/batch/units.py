@@ -17,7 +17,7 @@ import json
 import math
 import time
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -198,25 +198,21 @@ def unit_row(name: str, rows: int, done: int, table: pa.Table | None) -> pa.Tabl
 
 
 class UnitStage:
-    """A row stage (see `sdray.batch.stages`) applied to the rows of each unit of a batch,
-    `rows_per_call` rows at a time.
-
-    `stage` is a stage object, or a class built once per process (a model actor) from
-    `stage_kwargs`; `generates`: record on each unit when this process was ready and when it
-    was done with the unit (the start-up figures in the manifest), and a copy of the stage's
-    running `figures` where it keeps them (the per-node figures).
+    """The model actor's stage over units: builds `stage` (a class, such as `GenerateStage`)
+    once per process from `stage_kwargs` and applies it to the rows of each unit of a batch,
+    `rows_per_call` rows at a time. Each unit it hands on records when this process was ready
+    and when it was done with the unit (the start-up figures in the manifest), and a copy of
+    the stage's running `figures` where it keeps them (the per-node figures).
     """
 
     def __init__(
         self,
-        stage: Any,
+        stage: type,
         rows_per_call: int | None = None,
         stage_kwargs: dict[str, Any] | None = None,
-        generates: bool = False,
     ) -> None:
-        self.stage = stage(**(stage_kwargs or {})) if isinstance(stage, type) else stage
+        self.stage = stage(**(stage_kwargs or {}))
         self.rows_per_call = rows_per_call
-        self.generates = generates
         self.ready_at = time.time()
 
     def __call__(self, units: pa.Table) -> pa.Table:
@@ -230,13 +226,11 @@ class UnitStage:
             parts = [self.stage(rows.slice(i, step)) for i in range(0, rows.num_rows, step)]
             packed.append(pack(pa.concat_tables(parts, promote_options="permissive")))
         units = _set(units, "table", pa.array(packed, pa.binary()))
-        if self.generates:
-            units = _set(units, "actor_ready_at", [self.ready_at] * units.num_rows)
-            units = _set(units, "generated_at", [time.time()] * units.num_rows)
-            figures = getattr(self.stage, "figures", None)
-            copy = json.dumps(figures) if figures is not None else None
-            units = _set(units, "actor_figures", pa.array([copy] * units.num_rows, pa.string()))
-        return units
+        units = _set(units, "actor_ready_at", [self.ready_at] * units.num_rows)
+        units = _set(units, "generated_at", [time.time()] * units.num_rows)
+        figures = getattr(self.stage, "figures", None)
+        copy = json.dumps(figures) if figures is not None else None
+        return _set(units, "actor_figures", pa.array([copy] * units.num_rows, pa.string()))
 
 
 def _set(table: pa.Table, name: str, values) -> pa.Table:
@@ -266,7 +260,7 @@ class PrepareUnits:
         registry: Any = None,
         storage_options: dict[str, Any] | None = None,
         output_uri: str = "",
-        fetch: Any = None,
+        fetch: Callable[[pa.Table], pa.Table] | None = None,
     ) -> None:
         from sdray.batch.stages import PrepareStage
 

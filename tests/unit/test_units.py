@@ -244,7 +244,7 @@ def test_a_model_actors_latest_running_totals_reach_the_sink_with_its_units(tmp_
             self.figures["busy_s"] += 0.5
             return rows
 
-    stage = UnitStage(Counting(), rows_per_call=2, generates=True)
+    stage = UnitStage(Counting, rows_per_call=2)
     first = stage(_generated_unit("part-0123456789ab-0000001-deadbeef", n=3))
     second = stage(_generated_unit("part-0123456789ab-0000002-deadbeef", n=2))
     sink = _sink(tmp_path, "run1", fmt="parquet")
