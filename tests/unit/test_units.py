@@ -335,3 +335,22 @@ def test_a_write_task_encodes_a_unit_and_writes_one_shard_per_partition_in_its_o
         for i, path in zip(expected, shard.column("image_path").to_pylist(), strict=True):
             image = Image.open(io.BytesIO((tmp_path / path).read_bytes()))
             assert image.format == "PNG" and image.getpixel((3, 3)) == (10 * i,) * 3
+
+
+def test_an_id_registry_actor_imports_the_registry_alone():
+    """A registry actor loads `sdray.batch.ids`; the package's names load on first use, so that
+    import leaves Ray Data and the job unloaded, and the package's names still resolve."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys, sdray.batch.ids\n"
+        "print(sorted(m for m in ('ray.data', 'sdray.batch.job', 'sdray.batch.sink') "
+        "if m in sys.modules))\n"
+        "from sdray.batch import read_metadata, run_generate\n"
+        "print(run_generate.__module__, read_metadata.__module__)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True
+    ).stdout.splitlines()
+    assert out == ["[]", "sdray.batch.job sdray.batch.sink"]
