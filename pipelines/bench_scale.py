@@ -43,6 +43,8 @@ SETTINGS = [
     "batch.min_actors=2",
     "batch.max_actors=2",
     "output.rows_per_shard=10000",
+    "batch.batches_per_call=10",  # a unit in one model actor call, as in the floor's
+    "batch.max_call_bytes=1073741824",  # map_batches (the stand-in makes no pixels)
     "output.format=parquet",
 ]
 TINY = [  # a new user's first run: the embedded model, 8x8 images, one step

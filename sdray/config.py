@@ -187,6 +187,17 @@ class GenerationConfig(_Section):
     max_height: int = Field(2048, gt=0, description="Rows asking for taller images are errors.")
 
     @model_validator(mode="after")
+    def _check_largest_image(self) -> GenerationConfig:
+        # One image's raw pixels must fit one Arrow binary value (the pipeline's columns hold
+        # whole images): 2 GiB, about 26,700 x 26,700 pixels.
+        if self.max_width * self.max_height * 3 >= 2**31:
+            raise ValueError(
+                f"max_width x max_height = {self.max_width} x {self.max_height}: one image's "
+                "pixels would exceed 2 GiB"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _check(self) -> GenerationConfig:
         from sdray.schedulers import SCHEDULERS
 
@@ -236,6 +247,19 @@ class BatchConfig(_Section):
         description="Times a model actor that died (crash, device fault, node loss) is restarted "
         "and its batch retried before the run fails.",
     )
+    batches_per_call: int = Field(
+        4,
+        ge=1,
+        description="Engine batches (of batch_size rows) in one model actor call: a shard "
+        "larger than that is cut into calls, spread over the actors and put together again "
+        "by the write tasks, so a call's work never grows with output.rows_per_shard.",
+    )
+    max_call_bytes: int = Field(
+        64 * 2**20,
+        ge=1,
+        description="Raw pixels (images, previews, init and mask images) of one model actor "
+        "call at most, in bytes: fewer rows per call for large images (at least one row).",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> BatchConfig:
@@ -252,7 +276,13 @@ class OutputConfig(_Section):
     )
     image_format: Literal["png", "jpeg", "webp"] = Field("png", description="Image encoding.")
     jpeg_quality: int = Field(95, ge=1, le=100, description="Quality for jpeg and webp.")
-    rows_per_shard: int = Field(1000, ge=1, description="Rows per metadata/image shard.")
+    rows_per_shard: int | Literal["auto"] = Field(
+        "auto",
+        description="Rows per metadata/image shard; `auto`: the rows whose raw pixels at the "
+        "default size fill 256 MiB, at most 1000, in whole batches (at batch 1: 341 at "
+        "512x512, 85 at 1024x1024, 21 at 2048x2048), so a shard holds about a minute of one "
+        "GPU's work and the first one commits early.",
+    )
     partition_by: list[str] = Field(
         default_factory=list, description="Columns for Hive-style partitions."
     )
@@ -262,6 +292,29 @@ class OutputConfig(_Section):
         description="Keep the model's estimate of the final image every this many denoising "
         "steps and write one filmstrip per image beside it (0 = off).",
     )
+
+    @model_validator(mode="after")
+    def _check(self) -> OutputConfig:
+        if isinstance(self.rows_per_shard, int) and self.rows_per_shard < 1:
+            raise ValueError(
+                f"rows_per_shard must be at least 1 or 'auto', got {self.rows_per_shard}"
+            )
+        return self
+
+    def shard_rows(self, width: int | None, height: int | None, batch_size: int = 1) -> int:
+        """`rows_per_shard` as a number: `auto` sizes shards by the raw pixels of the default
+        image size (1000 rows where the size is not known), in whole engine batches."""
+        if self.rows_per_shard != "auto":
+            return self.rows_per_shard
+        rows = AUTO_SHARD_MAX_ROWS
+        if width and height:
+            rows = min(rows, AUTO_SHARD_BYTES // (width * height * 3))
+        return max(batch_size, rows // batch_size * batch_size)
+
+
+# output.rows_per_shard=auto: a shard's raw pixels at the default size, and its rows at most.
+AUTO_SHARD_BYTES = 256 * 2**20
+AUTO_SHARD_MAX_ROWS = 1000
 
 
 class StorageConfig(_Section):

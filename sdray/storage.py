@@ -143,6 +143,28 @@ def create_new(fs, path: str, data: bytes) -> bool:
     return True
 
 
+def create_is_atomic(fs, directory: str) -> str | None:
+    """Probe whether `create_new` is atomic in `directory` of this store: None if it is, else
+    why not. Local disk and S3 are tried (S3-compatible stores that ignore a conditional PUT's
+    `If-None-Match` accept the second write of the probe); other stores have no atomic
+    create-if-absent in sdray."""
+    if not (is_local(fs) or _is_s3(fs)):
+        protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+        return f"sdray has no atomic create-if-absent on {protocol}:// stores"
+    probe = f"{directory.rstrip('/')}/.sdray-probe-{uuid.uuid4().hex}"
+    try:
+        if not create_new(fs, probe, b"first"):
+            return "a create-if-absent of a new object failed"
+        if create_new(fs, probe, b"second"):
+            return "a second create-if-absent of the same object succeeded (the store ignores If-None-Match)"
+        return None
+    finally:
+        try:
+            fs.rm(probe)
+        except FileNotFoundError:
+            pass
+
+
 @contextlib.contextmanager
 def upload(fs, path: str) -> Iterator[Any]:
     """A file to stream one object into, visible at `path` only once complete.

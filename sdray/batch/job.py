@@ -24,13 +24,18 @@ from sdray.batch.cluster import (
     summarize,
 )
 from sdray.batch.lease import check_held, is_lease_file, lease_run, output_lease
-from sdray.batch.plan import JobPlan, plan_job, start_registry
+from sdray.batch.plan import JobPlan, plan_job, rows_per_call, start_registry
 from sdray.batch.sink import (
     IMAGES_DIR,
     MANIFEST,
     METADATA_DIR,
+    STAGING_DIR,
     ImageDatasink,
+    clean_staging,
+    committed_shards,
+    foreign_shards,
     partitioning_record,
+    remove_shards,
     remove_uncommitted,
 )
 from sdray.batch.stages import EncodeStage, ErrorBudgetExceeded, GenerateStage, ImageInputStage
@@ -42,6 +47,7 @@ from sdray.models import model_identity
 from sdray.requests import BATCH_KEY_COLUMN, RESULT_COLUMNS
 from sdray.storage import (
     absolute_uri,
+    create_is_atomic,
     filesystem,
     is_nonempty,
     join,
@@ -51,7 +57,7 @@ from sdray.storage import (
 
 log = logging.getLogger(__name__)
 
-OWNED_PATHS = (METADATA_DIR, IMAGES_DIR, MANIFEST)
+OWNED_PATHS = (METADATA_DIR, IMAGES_DIR, MANIFEST, STAGING_DIR)
 
 
 @dataclass
@@ -498,9 +504,18 @@ def _run_generate(
         )
         if removed:
             say(f"removed {removed} uncommitted shard files left by interrupted runs")
-    if previous is not None and plan.rows_per_unit != config.output.rows_per_shard:
+    gen = config.generation
+    if previous is not None and plan.rows_per_unit != config.output.shard_rows(
+        gen.width, gen.height, config.batch.batch_size
+    ):
         say(f"shards of {plan.rows_per_unit} rows, as the run being resumed wrote them")
-    run = run or lease_run(fs, root)  # a caller's (a sweep's) lease, when it holds one
+    warning = commit_warning(fs, root, output_uri)
+    if warning:
+        _say(warning)
+    hold = run or lease_run(fs, root)  # the lease to check: a caller's (a sweep's), if any
+    run = hold or uuid.uuid4().hex[:12]
+    # The runs whose shards this output may hold: those of the run resumed, and this one.
+    runs = [*(previous or {}).get("runs", []), run]
     registry = start_registry(plan, output_uri, storage, say)
     manifest: dict[str, Any] = {
         "sdray_version": package_versions()["sdray"],
@@ -515,8 +530,9 @@ def _run_generate(
         "fingerprint": fingerprint(parts),
         "fingerprint_parts": parts,
         "rows_per_unit": plan.rows_per_unit,
+        "runs": runs,
     }
-    check_held(fs, root, run)
+    check_held(fs, root, hold)
     write_bytes_atomic(fs, join(root, MANIFEST), json.dumps(manifest, indent=2).encode())
     marks["planned"] = time.time() - marks["launched"]
     done = f", resuming {len(plan.committed_paths)} committed shards" if previous else ""
@@ -529,10 +545,12 @@ def _run_generate(
         output_format=config.output.format,
         image_format=config.output.image_format,
         partition_by=config.output.partition_by,
-        run_id=(run or uuid.uuid4().hex)[:8],
-        lease_run=run,
+        run_id=run[:8],
+        lease_run=hold,
         storage_options=storage,
         encode=EncodeStage(config.output),
+        run=run,
+        fingerprint=manifest["fingerprint"],
     )
     generate_started = time.perf_counter()
     try:
@@ -551,10 +569,43 @@ def _run_generate(
         if registry is not None:
             registry.close()
     marks["generate"] = time.perf_counter() - generate_started
-    check_held(fs, root, run)  # a run that lost the output leaves its manifest alone too
+    check_held(fs, root, hold)  # a run that lost the output leaves its manifest alone too
+    clean_staging(fs, root, sink.run_id)
+    fs.invalidate_cache()  # what the write tasks wrote, not what this process listed before
+    _refuse_foreign_shards(fs, root, plan, sink, runs, output_uri, len(config.output.partition_by))
     per_node = summarize(list(sink.stats.get("actors", {}).values()))
     return _finish(
         manifest, sink.stats, config, previous, started=started, marks=marks, per_node=per_node
+    )
+
+
+def commit_warning(fs, root: str, output_uri: str) -> str | None:
+    """One line for a store whose create-if-absent is not atomic (probed): the commit of a
+    shard, and so its exactly-once, rests on it."""
+    unsafe = create_is_atomic(fs, root)
+    if unsafe is None:
+        return None
+    return (
+        f"warning: output {output_uri!r}: {unsafe}, so two attempts at one shard could both "
+        "commit it (its rows written twice); local disk and S3 have an atomic one"
+    )
+
+
+def _refuse_foreign_shards(fs, root, plan: JobPlan, sink, runs, output_uri: str, depth: int):
+    """The end-of-run check: a shard committed during this run by another run, or with another
+    fingerprint (a run that lost the lease, committing between its last lease check and its
+    write), is removed, and the run fails saying so; --resume then generates its rows again."""
+    before = set(plan.committed_paths) | set(sink.stats.get("committed_paths", []))
+    now = {path for shard in committed_shards(fs, root, depth).values() for path in shard["paths"]}
+    refused = foreign_shards(fs, root, now - before, sink.fingerprint, runs)
+    if not refused:
+        return
+    remove_shards(fs, root, [path for path, _ in refused])
+    path, recorded = refused[0]
+    raise SdrayError(
+        f"{len(refused)} shards of {output_uri!r} were committed during this run by a run "
+        f"that no longer held the output's lease or used other settings (for example {path}: "
+        f"{recorded}); they were removed. Run again with --resume to generate their rows."
     )
 
 
@@ -567,9 +618,11 @@ def _pipeline(
     output_uri: str,
     input_uri: str,
 ):
-    """The lazy Ray Data pipeline: read and prepare units, fetching their init and mask images
-    (tasks) -> generate (model actors); one unit per block and per task all the way. The
-    datasink's write tasks encode and write each unit (`ImageDatasink`'s `encode`)."""
+    """The lazy Ray Data pipeline: read and prepare units, cut them into calls and fetch their
+    init and mask images (tasks) -> generate (model actors); one call per block and per task
+    all the way. The datasink's write tasks encode each call's raw pixels (so they cross the
+    object store once, from the model actor to the task that encodes and writes them) and
+    write and commit its unit (`ImageDatasink`)."""
     import ray
 
     batch = config.batch
@@ -588,9 +641,12 @@ def _pipeline(
         registry=registry,
         storage_options=storage,
         output_uri=output_uri,
-        # Init and mask images: fetched, decoded and sized by the read tasks, so model actors
-        # receive ready pixels.
+        # Init and mask images: fetched, decoded and sized by the read tasks, a call at a
+        # time, so model actors receive ready pixels.
         fetch=ImageInputStage(config.generation, input_base(input_uri, storage), storage),
+        rows_per_call=rows_per_call(plan.rows_estimate, config),
+        max_call_bytes=batch.max_call_bytes,
+        preview_every=config.output.preview_every,
     )
     units = source.map_batches(prepare, batch_size=1, batch_format="pyarrow", num_cpus=0.25)
     with warnings.catch_warnings():

@@ -56,7 +56,7 @@ def plan_job(
             f"output.partition_by names columns the table does not have: {', '.join(missing)}"
         )
     rows = sum(f.get("rows", f.get("rows_estimate", 0)) for f in files)
-    rows_per_unit = int((previous or {}).get("rows_per_unit") or _shard_rows(rows, config))
+    rows_per_unit = int((previous or {}).get("rows_per_unit") or _shard_rows(config))
     tasks = plan_read_tasks(files, rows_per_unit)
     plan = JobPlan(
         tasks=tasks,
@@ -72,13 +72,23 @@ def plan_job(
     return plan
 
 
-def _shard_rows(rows: int, config: SdrayConfig) -> int:
-    """`output.rows_per_shard`, or fewer for a small table (of about `rows` rows), so that every
-    model actor has work (a shard is the work of one actor call)."""
-    spread = (
-        math.ceil(rows / (2 * config.batch.max_actors)) if rows else config.output.rows_per_shard
-    )
-    return max(1, min(config.output.rows_per_shard, spread))
+def _shard_rows(config: SdrayConfig) -> int:
+    """`output.rows_per_shard` as a number (`auto`: by the default image size, in whole
+    batches). A small table is not cut into smaller shards to spread it over the actors: its
+    calls are spread."""
+    gen = config.generation
+    return config.output.shard_rows(gen.width, gen.height, config.batch.batch_size)
+
+
+def rows_per_call(rows: int, config: SdrayConfig) -> int:
+    """Rows one model actor call generates at most: `batch.batches_per_call` engine batches, or
+    fewer for a small table (of about `rows` rows), so that every model actor gets a call."""
+    batch = config.batch
+    most = batch.batch_size * batch.batches_per_call
+    if not rows:
+        return most
+    spread = batch.batch_size * math.ceil(rows / (batch.max_actors * batch.batch_size))
+    return max(batch.batch_size, min(most, spread))
 
 
 def _attach_committed(

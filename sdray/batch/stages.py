@@ -229,17 +229,10 @@ class GenerateStage:
         preview_every: int = 0,
     ) -> None:
         from sdray.batch.cluster import actor_identity
-        from sdray.engine import DiffusionEngine
 
         started = time.perf_counter()
-        # model_sha256: the identity the driver recorded; an actor (re)starting after the model
-        # changed under the job refuses to load it rather than mix two models in one output.
-        self.engine = DiffusionEngine.from_config(
-            model,
-            max_batch_size=batch_size,
-            torch_threads=torch_threads,
-            storage_options=storage_options,
-            expected_sha256=model_sha256,
+        self.engine = self.load_engine(
+            model, batch_size, torch_threads, storage_options, model_sha256
         )
         self.model_name = model_name
         self.model_family = model_family or self.engine.plan.family
@@ -249,10 +242,33 @@ class GenerateStage:
         self.attempted = 0
         self.failed = 0
         self.engine_lock = threading.Lock()
-        # This actor's running totals: each unit it hands on carries a copy (see `UnitStage`),
-        # so the job's per-node figures travel with the units to the sink.
-        self.figures = {**actor_identity(), "images": 0, "errors": 0, "busy_s": 0.0}
+        # This actor's running totals: each call it hands on carries a copy (see `UnitStage`),
+        # so the job's per-node figures travel with the calls to the sink. Memory: the
+        # process's own (private) memory once ready, and its peak so far.
+        self.memory = PrivateMemoryPeak()
+        self.figures = {
+            **actor_identity(),
+            "images": 0,
+            "errors": 0,
+            "busy_s": 0.0,
+            "ready_mb": self.memory.now(),
+            "peak_mb": self.memory.peak,
+        }
         log.info("model actor ready in %.1fs", time.perf_counter() - started)
+
+    def load_engine(self, model, batch_size, torch_threads, storage_options, model_sha256):
+        """The engine this actor runs (a stand-in device overrides it: `sdray.bench_device`).
+        `model_sha256`: the identity the driver recorded; an actor (re)starting after the model
+        changed under the job refuses to load it rather than mix two models in one output."""
+        from sdray.engine import DiffusionEngine
+
+        return DiffusionEngine.from_config(
+            model,
+            max_batch_size=batch_size,
+            torch_threads=torch_threads,
+            storage_options=storage_options,
+            expected_sha256=model_sha256,
+        )
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         require_columns(batch, [f.name for f in PREPARED_SCHEMA], "generate")
@@ -282,10 +298,11 @@ class GenerateStage:
             self.figures["errors"] += failed
             self.figures["busy_s"] += time.perf_counter() - started
             self._check_budget()
+        self.figures["peak_mb"] = self.memory.peak
         for index, result in zip(todo, results, strict=True):
             truncated[index] = result.truncated
             if result.error is None:
-                pixels[index] = result.image.tobytes()
+                pixels[index] = result.image
                 if result.previews:
                     preview_steps[index] = [step for step, _ in result.previews]
                     preview_frames[index] = [frame.tobytes() for _, frame in result.previews]
@@ -296,11 +313,12 @@ class GenerateStage:
         batch = batch.drop_columns([c for c in INPUT_PIXELS.values() if c in batch.column_names])
         if self.preview_every:
             batch = _set_column(batch, PREVIEW_STEPS, preview_steps, pa.list_(pa.int64()))
-            batch = _set_column(batch, PREVIEW_FRAMES, preview_frames, pa.list_(pa.binary()))
+            frames = pa.array(preview_frames, pa.large_list(pa.large_binary()))
+            batch = _set_column(batch, PREVIEW_FRAMES, frames)
         batch = _set_column(batch, "status", status, pa.string())
         batch = _set_column(batch, "error", errors, pa.string())
         batch = _set_column(batch, "truncated", truncated, pa.bool_())
-        return _set_column(batch, PIXELS_COLUMN, pixels, pa.binary())
+        return _set_column(batch, PIXELS_COLUMN, pixel_array(pixels))
 
     def _request(self, row: dict[str, Any], pixels: dict[str, bytes | None]):
         """The row's GenerationRequest, with its ready input pixels and preview steps."""
@@ -358,6 +376,57 @@ class GenerateStage:
                 message = f"generation failed: {type(error).__name__}: {error}"
                 return [GenerationResult(requests[0], None, False, message)]
             return [result for request in requests for result in self._generate([request])]
+
+
+def pixel_array(images: list) -> pa.Array:
+    """Raw images (HxWx3 uint8 arrays, or None for rows without one) as one Arrow array of
+    their bytes, copied once (64-bit offsets: no size of call can overflow them)."""
+    import numpy as np
+
+    sizes = np.array([0 if image is None else image.nbytes for image in images], np.int64)
+    offsets = np.zeros(len(images) + 1, np.int64)
+    np.cumsum(sizes, out=offsets[1:])
+    data = np.empty(int(offsets[-1]), np.uint8)
+    for image, start, size in zip(images, offsets[:-1].tolist(), sizes.tolist(), strict=True):
+        if size:
+            data[start : start + size] = image.reshape(-1)
+    valid = np.array([image is not None for image in images])
+    mask = None if valid.all() else pa.array(valid).buffers()[1]
+    return pa.LargeBinaryArray.from_buffers(
+        pa.large_binary(),
+        len(images),
+        [mask, pa.py_buffer(offsets), pa.py_buffer(data)],
+        null_count=int((~valid).sum()),
+    )
+
+
+class PrivateMemoryPeak:
+    """This process's private resident memory (Linux: `RssAnon`, which leaves out the object
+    store's shared pages a Ray worker maps and writes into), in MB, and its peak, sampled by a
+    thread every `every` seconds. Elsewhere: the resident size and its peak."""
+
+    def __init__(self, every: float = 0.05) -> None:
+        self.peak = self.now()
+        thread = threading.Thread(target=self._sample, args=(every,), daemon=True)
+        thread.start()
+
+    @staticmethod
+    def now() -> float:
+        try:
+            with open("/proc/self/status") as status:
+                for line in status:
+                    if line.startswith("RssAnon:"):
+                        return round(int(line.split()[1]) / 1024, 1)
+        except OSError:
+            pass
+        import psutil
+
+        return round(psutil.Process().memory_info().rss / 2**20, 1)
+
+    def _sample(self, every: float) -> None:
+        while True:
+            self.peak = max(self.peak, self.now())
+            time.sleep(every)
 
 
 def _exit_actor() -> None:

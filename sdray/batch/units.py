@@ -4,10 +4,15 @@ A unit is `rows_per_shard` consecutive rows of a *group*: a run of consecutive P
 (their footers give their row counts, so units span files and each can be read on its own) or a
 run of consecutive CSV / JSON-lines files (read from the top by one task). Its name says which
 rows it holds: `part-<group>-<index>-<digest of its ids>`, the group being a hash of its first
-file's path relative to the input. Each unit flows through the pipeline as one Ray Data row (its
-rows packed as Arrow IPC), so no stage can split it, and is written as one shard per partition
-value, named after it: a retried or resumed write of a unit can only write the same shard again,
-and a resume knows what is done from the shard names alone.
+file's path relative to the input. A unit is written as one shard per partition value, named
+after it: a retried or resumed write of a unit can only write the same shard again, and a
+resume knows what is done from the shard names alone.
+
+The read task cuts each unit's rows still to generate into *calls*: runs of consecutive rows of
+at most `batch.batches_per_call` engine batches and `batch.max_call_bytes` of raw pixels. Each
+call flows through the pipeline as one Ray Data row and block (its rows packed as Arrow IPC):
+one model actor call, one object of bounded size, whatever the shard size. The write tasks put
+a unit's calls together again (`sdray.batch.sink`).
 """
 
 from __future__ import annotations
@@ -30,16 +35,20 @@ from sdray.requests import table_ids
 HIVE_NULL = "__HIVE_DEFAULT_PARTITION__"
 READ_TASK_ROWS = 65_536  # rows a read task covers at least (where the format lets it choose)
 TEXT_GROUP_BYTES = 64 << 20  # consecutive text files read by one task, up to this size
-UNIT_SCHEMA = pa.schema(
+CALL_SCHEMA = pa.schema(
     [
         ("unit", pa.string()),  # the unit's name
-        ("rows", pa.int64()),  # input rows in the unit
-        ("done", pa.int64()),  # of which an earlier run committed this many
-        ("table", pa.binary()),  # the rows still to write, as an Arrow IPC stream (or null)
+        ("call", pa.int32()),  # this call's place among the unit's calls
+        ("calls", pa.int32()),  # the unit's calls
+        ("rows", pa.int64()),  # input rows in the unit (on its first call; 0 on the others)
+        ("done", pa.int64()),  # of which an earlier run committed this many (first call)
+        # The call's rows, as an Arrow IPC stream (or null). 64-bit offsets: a call is bounded
+        # by `batch.max_call_bytes`, but no offset of the path may overflow at any size.
+        ("table", pa.large_binary()),
         ("read_at", pa.float64()),  # when each stage was done with it (for the start-up figures)
         ("actor_ready_at", pa.float64()),
         ("generated_at", pa.float64()),
-        # the generating actor's running totals after this unit, as JSON (see GenerateStage)
+        # the generating actor's running totals after this call, as JSON (see GenerateStage)
         ("actor_figures", pa.string()),
     ]
 )
@@ -168,41 +177,111 @@ def read_units(
 # Units as Ray Data rows.
 
 
-def pack(table: pa.Table) -> bytes:
+def pack(table: pa.Table) -> pa.Buffer:
     sink = pa.BufferOutputStream()
     with pa.ipc.new_stream(sink, table.schema) as writer:
         writer.write_table(table)
-    return sink.getvalue().to_pybytes()
+    return sink.getvalue()
 
 
-def unpack(data: bytes) -> pa.Table:
-    return pa.ipc.open_stream(pa.py_buffer(data)).read_all()
+def unpack(data: bytes | pa.Buffer) -> pa.Table:
+    return pa.ipc.open_stream(pa.py_buffer(data) if isinstance(data, bytes) else data).read_all()
 
 
-def unit_row(name: str, rows: int, done: int, table: pa.Table | None) -> pa.Table:
-    """The one-row table that carries a unit through the pipeline."""
+def packed_cells(buffers: list[pa.Buffer | None]) -> pa.Array:
+    """Packed tables as a `table` column; one table's buffer is used as it is (no copy)."""
+    if len(buffers) == 1 and buffers[0] is not None:
+        offsets = pa.py_buffer(np.array([0, buffers[0].size], np.int64))
+        return pa.LargeBinaryArray.from_buffers(pa.large_binary(), 1, [None, offsets, buffers[0]])
+    cells = [None if b is None else b.to_pybytes() for b in buffers]
+    return pa.array(cells, pa.large_binary())
+
+
+def call_rows(calls: pa.Table) -> Iterator[dict[str, Any]]:
+    """The calls of a block as dicts, each `table` as a buffer of the block (no copy)."""
+    names = [n for n in calls.column_names if n != "table"]
+    tables = calls.column("table")
+    for index, row in enumerate(calls.select(names).to_pylist()):
+        cell = tables[index]
+        row["table"] = cell.as_buffer() if cell.is_valid else None
+        yield row
+
+
+def call_row(name: str, call: int, calls: int, rows: int, done: int, table) -> pa.Table:
+    """The one-row table that carries one call of a unit through the pipeline."""
     packed = pack(table) if table is not None and table.num_rows else None
     return pa.table(
         {
             "unit": [name],
+            "call": [call],
+            "calls": [calls],
             "rows": [rows],
             "done": [done],
-            "table": [packed],
+            "table": packed_cells([packed]),
             "read_at": [time.time()],
             "actor_ready_at": [None],
             "generated_at": [None],
             "actor_figures": [None],
         },
-        schema=UNIT_SCHEMA,
+        schema=CALL_SCHEMA,
     )
 
 
+def unit_row(name: str, rows: int, done: int, table) -> pa.Table:
+    """A unit in one call (all its rows, or none left to generate)."""
+    return call_row(name, 0, 1, rows, done, table)
+
+
+def row_pixel_bytes(table: pa.Table, preview_every: int = 0) -> np.ndarray:
+    """Raw pixel bytes each row brings to and takes from a model actor: its image, its previews,
+    and its init and mask images; none for a row already in error."""
+    import pyarrow.compute as pc
+
+    area = pc.multiply(table.column("width"), table.column("height")).to_numpy(zero_copy_only=False)
+    area = np.nan_to_num(area.astype(np.float64)).astype(np.int64)
+    images = np.ones(table.num_rows, np.int64)
+    if preview_every:
+        from sdray.requests import denoising_start
+
+        steps = table.column("steps").to_pylist()
+        strength = table.column("strength").to_pylist()
+        images += [
+            (s - denoising_start(s, g)) // preview_every if s else 0
+            for s, g in zip(steps, strength, strict=True)
+        ]
+    per_row = area * 3 * images
+    if "mode" in table.column_names:
+        mode = table.column("mode").to_pylist()
+        per_row += area * np.array([{"img2img": 3, "inpaint": 4}.get(m, 0) for m in mode])
+    ok = pc.fill_null(pc.equal(table.column("status"), "ok"), False).to_numpy(zero_copy_only=False)
+    return np.where(ok, per_row, 0)
+
+
+def cut_calls(
+    table: pa.Table, rows_per_call: int, max_bytes: int, preview_every: int = 0
+) -> list[tuple[int, int]]:
+    """(start, stop) of runs of consecutive rows, each at most `rows_per_call` rows to generate
+    and `max_bytes` of raw pixels (but at least one row); rows in error ride along for free."""
+    sizes = row_pixel_bytes(table, preview_every)
+    if np.count_nonzero(sizes) <= rows_per_call and sizes.sum() <= max_bytes:
+        return [(0, table.num_rows)]  # the unit in one call
+    bounds, start, rows, held = [], 0, 0, 0
+    for index, size in enumerate(sizes.tolist()):
+        if rows and (rows + (size > 0) > rows_per_call or held + size > max_bytes):
+            bounds.append((start, index))
+            start, rows, held = index, 0, 0
+        rows += size > 0
+        held += size
+    bounds.append((start, len(sizes)))
+    return bounds
+
+
 class UnitStage:
-    """The model actor's stage over units: builds `stage` (a class, such as `GenerateStage`)
-    once per process from `stage_kwargs` and applies it to the rows of each unit of a batch,
-    `rows_per_call` rows at a time. Each unit it hands on records when this process was ready
-    and when it was done with the unit (the start-up figures in the manifest), and a copy of
-    the stage's running `figures` where it keeps them (the per-node figures).
+    """The model actor's stage over calls: builds `stage` (a class, such as `GenerateStage`)
+    once per process from `stage_kwargs` and applies it to the rows of each call of a batch,
+    `rows_per_call` rows at a time. Each call it hands on records when this process was ready
+    and when it was done with it (the start-up figures in the manifest), and a copy of the
+    stage's running `figures` where it keeps them (the per-node figures).
     """
 
     def __init__(
@@ -217,15 +296,15 @@ class UnitStage:
 
     def __call__(self, units: pa.Table) -> pa.Table:
         packed = []
-        for data in units.column("table").to_pylist():
-            if data is None:
+        for call in call_rows(units):
+            if call["table"] is None:
                 packed.append(None)
                 continue
-            rows = unpack(data)
+            rows = unpack(call["table"])
             step = self.rows_per_call or rows.num_rows
             parts = [self.stage(rows.slice(i, step)) for i in range(0, rows.num_rows, step)]
             packed.append(pack(pa.concat_tables(parts, promote_options="permissive")))
-        units = _set(units, "table", pa.array(packed, pa.binary()))
+        units = _set(units, "table", packed_cells(packed))
         units = _set(units, "actor_ready_at", [self.ready_at] * units.num_rows)
         units = _set(units, "generated_at", [time.time()] * units.num_rows)
         figures = getattr(self.stage, "figures", None)
@@ -245,8 +324,9 @@ class InputChanged(SdrayError):
 class PrepareUnits:
     """The read stage: read each unit of a batch of read tasks, validate it (`PrepareStage`),
     leave out what an earlier run committed, settle duplicate ids, order its rows so denoising
-    batches stay homogeneous, and hand the rows still to generate to `fetch` (the image-input
-    stage, where one is given); one Ray Data row per unit."""
+    batches stay homogeneous, cut the rows still to generate into calls (`cut_calls`), and hand
+    each call to `fetch` (the image-input stage, where one is given); one Ray Data row per call,
+    so a read task never holds more than one call's init images."""
 
     def __init__(
         self,
@@ -261,11 +341,16 @@ class PrepareUnits:
         storage_options: dict[str, Any] | None = None,
         output_uri: str = "",
         fetch: Callable[[pa.Table], pa.Table] | None = None,
+        rows_per_call: int = 1 << 30,
+        max_call_bytes: int = 1 << 62,
+        preview_every: int = 0,
     ) -> None:
         from sdray.batch.stages import PrepareStage
 
         self.prepare = PrepareStage(generation)
         self.rows_per_unit = rows_per_unit
+        self.rows_per_call, self.max_call_bytes = rows_per_call, max_call_bytes
+        self.preview_every = preview_every
         self.text_columns, self.expected = text_columns, expected
         self.partition_by, self.order_by = partition_by, order_by
         self.registry = registry
@@ -304,11 +389,26 @@ class PrepareUnits:
                 todo = self._settle_duplicates(todo, owners)
             if self.order_by and todo.num_rows > 1:
                 todo = todo.sort_by([(column, "ascending") for column in self.order_by])
-            if self.fetch is not None and todo.num_rows:
-                todo = self.fetch(todo)
-            yield unit_row(name, prepared.num_rows, prepared.num_rows - todo.num_rows, todo)
+            yield from self._calls(name, prepared.num_rows, todo)
         if committed:
             raise self._changed(task, min(committed))
+
+    def _calls(self, name: str, rows: int, todo: pa.Table) -> Iterator[pa.Table]:
+        """The unit's rows still to generate, one call at a time (the unit's counts on the
+        first), each with its init and mask images fetched."""
+        done = rows - todo.num_rows
+        if not todo.num_rows:
+            yield unit_row(name, rows, done, None)
+            return
+        bounds = cut_calls(todo, self.rows_per_call, self.max_call_bytes, self.preview_every)
+        for call, (start, stop) in enumerate(bounds):
+            part = todo.slice(start, stop - start)
+            if self.fetch is not None:
+                part = self.fetch(part)
+            first = call == 0
+            yield call_row(
+                name, call, len(bounds), rows if first else 0, done if first else 0, part
+            )
 
     def _settle_duplicates(self, table: pa.Table, owners: np.ndarray) -> pa.Table:
         """Rows whose id another row claimed first: error rows naming it, with a null id."""

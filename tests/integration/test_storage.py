@@ -420,3 +420,28 @@ def test_init_images_are_read_from_the_bucket(s3fs_client, s3_env, tmp_path):
     assert rows["absolute"]["status"] == "ok" and rows["absolute"]["mode"] == "inpaint"
     assert rows["relative"]["init_sha256"] == rows["absolute"]["init_sha256"] == digest
     assert "init_image='pictures/gone.png': no such file" in rows["missing"]["error"]
+
+
+def test_create_if_absent_is_probed_on_s3(s3, s3fs_client):
+    """The probe a run makes at its start: a store that honours conditional PUTs passes; one
+    that ignores `If-None-Match` (as some S3-compatible servers do; here the client drops the
+    header) is named, so the run warns that two attempts could both commit a shard."""
+    import s3fs
+
+    from sdray.storage import create_is_atomic
+
+    assert create_is_atomic(s3fs_client, f"{BUCKET}/probed") is None
+    ignoring = s3fs.S3FileSystem(
+        key=CREDENTIALS["AWS_ACCESS_KEY_ID"],
+        secret=CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
+        client_kwargs={"endpoint_url": s3.endpoint},
+        skip_instance_cache=True,
+    )
+    ignoring.connect()
+
+    def drop_condition(params, **kwargs):
+        params.pop("IfNoneMatch", None)
+
+    ignoring.s3.meta.events.register("before-parameter-build.s3.PutObject", drop_condition)
+    assert "ignores If-None-Match" in create_is_atomic(ignoring, f"{BUCKET}/probed")
+    assert s3fs_client.find(f"{BUCKET}/probed") == []  # the probes leave nothing behind

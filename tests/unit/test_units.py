@@ -272,17 +272,30 @@ def test_a_shard_is_committed_once_however_often_it_is_written(tmp_path, fmt):
     assert pq.read_table(tmp_path / "metadata" / f"{UNIT}.parquet").num_rows == 3
 
 
-def test_an_attempt_that_loses_the_commit_removes_its_images(tmp_path, monkeypatch):
+@pytest.mark.parametrize("fmt", ["files", "webdataset", "parquet"])
+def test_an_attempt_that_loses_the_commit_removes_only_its_own_images(tmp_path, monkeypatch, fmt):
+    """Two attempts of one write task of one run (a retried task whose first attempt still
+    lives on a partitioned node): the second writes its images, the first commits meanwhile;
+    the second removes its own images and leaves every image the commit points to."""
     from sdray.batch import sink
 
-    def other_attempt_commits(fs, root, run):  # between this attempt's images and its commit
-        (tmp_path / "metadata").mkdir(exist_ok=True)
-        (tmp_path / "metadata" / f"{UNIT}.parquet").write_bytes(b"the other attempt's")
+    real, checks = sink.check_held, []
 
-    monkeypatch.setattr(sink, "check_held", other_attempt_commits)
-    stats = _sink(tmp_path, "run2").write([_generated_unit(UNIT)], None)
-    assert stats["committed_elsewhere"] == 3
-    assert files(tmp_path) == [f"metadata/{UNIT}.parquet"]
+    def first_attempt_commits_meanwhile(fs, root, run):
+        checks.append(run)
+        if len(checks) == 2:  # the second attempt's check just before its commit
+            monkeypatch.setattr(sink, "check_held", real)
+            first = _sink(tmp_path, "run1", fmt=fmt).write([_generated_unit(UNIT)], None)
+            assert first["shards"] == 1
+
+    monkeypatch.setattr(sink, "check_held", first_attempt_commits_meanwhile)
+    second = _sink(tmp_path, "run1", fmt=fmt).write([_generated_unit(UNIT)], None)
+    assert second["committed_elsewhere"] == 3 and "shards" not in second
+    paths = pq.read_table(tmp_path / "metadata" / f"{UNIT}.parquet").column("image_path")
+    stored = {p.split("#")[0] for p in paths.to_pylist()}
+    assert all((tmp_path / p).is_file() for p in stored)
+    images = [f for f in files(tmp_path) if f.startswith("images/")]
+    assert set(images) == stored  # the winner's images, and nothing else
 
 
 def test_a_run_that_lost_the_lease_commits_nothing(tmp_path):
