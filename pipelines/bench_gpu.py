@@ -21,6 +21,9 @@ if __name__ == "__main__":
     parser.add_argument("--budget", type=float, default=540, help="seconds the run may take")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
     parser.add_argument("--no-ray", action="store_true", help="skip the Ray Data pipeline")
+    parser.add_argument(
+        "--quick", action="store_true", help="only the Ray Data pipeline against the plain loop"
+    )
     args = parser.parse_args()
     results = run_suite(
         args.out,
@@ -28,5 +31,6 @@ if __name__ == "__main__":
         budget_s=args.budget,
         compile=not args.no_compile,
         ray=not args.no_ray,
+        quick=args.quick,
     )
     print(summary_table(results))

@@ -53,6 +53,13 @@ def bench_requests(config: SdrayConfig, rows: int) -> list[GenerationRequest]:
     ]
 
 
+def _sync(device: str) -> None:
+    if device == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+
+
 def _chunks(items, size):
     return [items[i : i + size] for i in range(0, len(items), size)]
 
@@ -235,8 +242,9 @@ class RayRun:
 def _ray_pipeline(
     config: SdrayConfig, requests, cores: int, engine_device: str, actors: int | None = None
 ) -> RayRun:
-    """(c) The whole offline job through Ray Data, one shard per batch so each commit is
-    timed; on CPU `actors` model actors of one thread each (default: one per core)."""
+    """(c) The whole offline job through Ray Data, one shard per model actor call (the
+    default call: `batch.batches_per_call` batches) so each commit is timed; on CPU `actors`
+    model actors of one thread each (default: one per core)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -250,7 +258,9 @@ def _ray_pipeline(
         job_config.batch.torch_threads = 1
         job_config.batch.num_cpus_per_actor = min(job_config.batch.num_cpus_per_actor, 1.0)
     job_config.batch.min_actors = job_config.batch.max_actors = actors
-    job_config.output.rows_per_shard = job_config.batch.batch_size
+    job_config.output.rows_per_shard = (
+        job_config.batch.batch_size * job_config.batch.batches_per_call
+    )
     with tempfile.TemporaryDirectory() as tmp:
         table = pa.Table.from_pylist(
             [
@@ -357,9 +367,16 @@ class _Report(list):
 
 
 def run_bench(
-    config: SdrayConfig, *, rows: int = 256, include_ray: bool = True, scaling: bool = True
+    config: SdrayConfig,
+    *,
+    rows: int = 256,
+    include_ray: bool = True,
+    scaling: bool = True,
+    loop_rows: int | None = None,
 ) -> dict:
-    """Measure (a) diffusers loop, (b) engine, (c) Ray pipeline; print and return the figures."""
+    """Measure (a) diffusers loop, (b) engine, (c) Ray pipeline; print and return the figures.
+    (a) and (b) run `loop_rows` of the rows (default all: their rates are steady from the
+    first batch after the warm-up)."""
     import torch
 
     from sdray.engine import DiffusionEngine
@@ -380,16 +397,19 @@ def run_bench(
     engine.generate(requests[:batch_size])
 
     results: list[Measurement] = []
+    timed = requests[: loop_rows or rows]
     started = time.perf_counter()
-    _diffusers_loop(engine, requests, batch_size)
+    _diffusers_loop(engine, timed, batch_size)
+    _sync(engine.device)
     results.append(
-        Measurement("(a) diffusers loop", rows, time.perf_counter() - started, _rss_mb())
+        Measurement("(a) diffusers loop", len(timed), time.perf_counter() - started, _rss_mb())
     )
 
     started = time.perf_counter()
-    for chunk in _chunks(requests, batch_size):
+    for chunk in _chunks(timed, batch_size):
         engine.generate(chunk)
-    results.append(Measurement("(b) engine", rows, time.perf_counter() - started, _rss_mb()))
+    _sync(engine.device)
+    results.append(Measurement("(b) engine", len(timed), time.perf_counter() - started, _rss_mb()))
 
     figures: dict = {
         "rows": rows,

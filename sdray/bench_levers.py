@@ -4,8 +4,8 @@ On cuda it builds SD 1.5 and SDXL base from their published configs with random 
 (compute does not depend on weight values; nothing is downloaded) and measures, in one run:
 diffusers' own pipeline loop, the engine with each lever added in turn (fp32 with the classic
 attention kernel, then SDPA, bfloat16, fused QKV, channels-last, compiled UNet, compiled VAE),
-batch sizes, a 2048x2048 decode with and without VAE tiling, and the Ray Data pipeline at
-steady state (model actors' overlap on and off) when Ray is installed. On CPU the same code
+batch sizes, a 2048x2048 decode with and without VAE tiling; before all of these, the Ray Data
+pipeline against the plain loop (steady state and end to end), when Ray is installed. On CPU the same code
 runs the embedded tiny models at tiny sizes, so tests run it. Every row is written to the JSON
 as soon as it is measured, and a time budget skips what would not fit (named in the output).
 """
@@ -35,12 +35,33 @@ class Workload:
     ladder_batch: int
     batches: tuple[int, ...]
     repeats: int = 2  # timed batches per bfloat16 row (float32 rows: one), after a warm-up
+    pipeline_rows: int = 0  # rows of the pipeline-vs-loop run (0: eight batches)
+    pipeline_steps: int = 0  # its steps (0: the ladder's)
 
 
 GPU_WORKLOADS = [
-    Workload("sd15", 512, steps=(20, 50), ladder_batch=8, batches=(1, 16, 32)),
+    # The pipeline runs: 1,024 rows at SD 1.5 and 256 at SDXL (issue 23), at 8 steps so that
+    # both fit the suite's first minutes on one H100 (fewer steps a row is the harder case for
+    # the pipeline: the same hand-offs per image, less device time to hide them behind).
+    Workload(
+        "sd15",
+        512,
+        steps=(20, 50),
+        ladder_batch=8,
+        batches=(1, 16, 32),
+        pipeline_rows=1024,
+        pipeline_steps=8,
+    ),
     # MLPerf's SDXL figure is at batch 32 prompts, 20 steps.
-    Workload("sdxl", 1024, steps=(20,), ladder_batch=2, batches=(8, 32)),
+    Workload(
+        "sdxl",
+        1024,
+        steps=(20,),
+        ladder_batch=2,
+        batches=(8, 32),
+        pipeline_rows=256,
+        pipeline_steps=8,
+    ),
 ]
 CPU_WORKLOADS = [
     Workload("tiny", 64, steps=(3, 6), ladder_batch=2, batches=(1, 4), repeats=1),
@@ -292,10 +313,14 @@ def memory_2048(suite: Suite, scratch: Path) -> None:
     _free(suite)
 
 
-def ray_pipeline(suite: Suite, workload: Workload, scratch: Path) -> None:
-    """The Ray Data pipeline at steady state on the workload's model with the eager levers."""
+def pipeline_vs_loop(suite: Suite, workload: Workload, scratch: Path) -> None:
+    """(a) The Ray Data pipeline against the plain diffusers loop on the same device: the
+    workload's model with the eager levers (bfloat16, fused QKV), `pipeline_rows` rows through
+    the whole job (one shard per batch, so each commit is timed: steady state between the first
+    and last tenth of them), and its end-to-end rate from launch."""
+    key = f"{workload.model} {workload.size}x{workload.size}"
     record: dict[str, Any] = {}
-    suite.results["ray_data"] = record
+    suite.results.setdefault("pipeline", {})[key] = record
     try:
         import ray  # noqa: F401
     except ImportError:
@@ -303,6 +328,7 @@ def ray_pipeline(suite: Suite, workload: Workload, scratch: Path) -> None:
         return
     if not suite.ray or suite.left() < 120:
         record["skipped"] = "ray off or time budget"
+        suite.save()
         return
     from sdray.bench import run_bench
     from sdray.config import config_from_dict
@@ -317,10 +343,9 @@ def ray_pipeline(suite: Suite, workload: Workload, scratch: Path) -> None:
                 "device": suite.device,
                 "dtype": "bfloat16",
                 "fused_qkv": True,
-                "channels_last": True,
             },
             "generation": {
-                "steps": workload.steps[0],
+                "steps": workload.pipeline_steps or workload.steps[0],
                 "width": workload.size,
                 "height": workload.size,
                 "scheduler": SCHEDULER,
@@ -328,28 +353,18 @@ def ray_pipeline(suite: Suite, workload: Workload, scratch: Path) -> None:
             "batch": {"batch_size": workload.ladder_batch},
         }
     )
-    rows = workload.ladder_batch * 8  # eight batches: enough shard commits for a steady rate
-    record.update(run_bench(config, rows=rows, include_ray=True, scaling=False))
+    rows = workload.pipeline_rows or workload.ladder_batch * 8
+    record.update(
+        run_bench(
+            config,
+            rows=rows,
+            include_ray=True,
+            scaling=False,
+            loop_rows=min(rows, workload.ladder_batch * 16),
+        )
+    )
     suite.save()
-    if suite.device != "cuda" or suite.left() < 90:  # on CPU: sdray bench --set batch.overlap=false
-        record["overlap off"] = {
-            "skipped": "cuda only" if suite.device != "cuda" else "time budget"
-        }
-        return
-    # The same pipeline with the model actors' overlap off, for its effect.
-    import torch
-
-    from sdray.bench import _ray_pipeline, bench_requests
-
-    off = config.model_copy(deep=True)
-    off.batch.overlap = False
-    cores = torch.get_num_threads()
-    run = _ray_pipeline(off, bench_requests(off, rows), cores, suite.device)
-    record["(c) steady, overlap off"] = {
-        "images_per_s": run.steady_rate(),
-        "generate_s": run.summary.manifest["timings"]["generate_s"],
-    }
-    suite.save()
+    print(json.dumps({"pipeline": key, **record}, default=str), flush=True)
 
 
 def plot(results: dict[str, Any], path: Path) -> None:
@@ -391,8 +406,11 @@ def run_suite(
     compile: bool = True,
     ray: bool = True,
     workloads: list[Workload] | None = None,
+    quick: bool = False,
 ) -> dict[str, Any]:
-    """Run the lever benchmark; write bench_gpu.json and bench_gpu.png into `out_dir`."""
+    """Run the lever benchmark; write bench_gpu.json and bench_gpu.png into `out_dir`: first
+    (a) the Ray Data pipeline against the plain loop for each workload, then the lever ladders
+    (`quick`: (a) alone), as the time budget allows."""
     import diffusers
     import torch
 
@@ -417,14 +435,19 @@ def run_suite(
     workloads = workloads or (GPU_WORKLOADS if device == "cuda" else CPU_WORKLOADS)
     with tempfile.TemporaryDirectory(prefix="sdray-bench-") as tmp:
         scratch = Path(tmp)
-        for index, workload in enumerate(workloads):
+        for workload in workloads:
+            try:
+                pipeline_vs_loop(suite, workload, scratch)
+            except Exception as error:  # noqa: BLE001 - recorded; the suite goes on
+                key = f"{workload.model} {workload.size}x{workload.size}"
+                suite.results.setdefault("pipeline", {})[key] = {
+                    "error": f"{type(error).__name__}: {error}"[:500]
+                }
+            suite.save()
+        for index, workload in enumerate([] if quick else workloads):
             run_workload(workload, suite, scratch)
             if index == 0:
                 memory_2048(suite, scratch)  # cheap: before the larger workloads
-        try:
-            ray_pipeline(suite, workloads[0], scratch)
-        except Exception as error:  # noqa: BLE001 - recorded; the rest is measured already
-            suite.results["ray_data"] = {"error": f"{type(error).__name__}: {error}"[:500]}
     suite.results["wall_s"] = round(time.perf_counter() - suite.started, 1)
     suite.save()
     plot(suite.results, out / "bench_gpu.png")
@@ -437,6 +460,27 @@ def summary_table(results: dict[str, Any]) -> str:
         f"device: {results.get('device_name')} (torch {results.get('torch')}, diffusers "
         f"{results.get('diffusers')})",
         "",
+    ]
+    if results.get("pipeline"):
+        lines += [
+            "| workload | rows | diffusers loop images/s | Ray Data steady (ratio) | end to end "
+            "(ratio) | actor start-up s |",
+            "|---|---|---|---|---|---|",
+        ]
+        for workload, run in results["pipeline"].items():
+            if "(c) steady" not in run:
+                note = run.get("skipped") or run.get("error", "")
+                lines.append(f"| {workload} | | | {note} | | |")
+                continue
+            loop, steady = run["(a) diffusers loop"], run["(c) steady"]
+            end = run["(c) end_to_end"]
+            lines.append(
+                f"| {workload} | {run['rows']} | {loop['images_per_s']:.3g} | "
+                f"{steady['images_per_s'] or 0:.3g} ({steady['ratio'] or 0:.2f}x) | "
+                f"{end['images_per_s']:.3g} ({end['ratio']:.2f}x) | {run['actor_startup_s']:.1f} |"
+            )
+        lines.append("")
+    lines += [
         "| workload | case | batch | steps | s/image | images/s | peak GPU MB |",
         "|---|---|---|---|---|---|---|",
     ]

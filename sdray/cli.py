@@ -64,12 +64,35 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument(
         "--suite",
-        choices=["pipeline", "gpu"],
+        choices=["pipeline", "gpu", "device"],
         default="pipeline",
         help="pipeline: diffusers loop vs engine vs Ray Data (default); gpu: the speed levers "
-        "at real model sizes (SD 1.5, SDXL) on cuda, tiny models on cpu",
+        "at real model sizes (SD 1.5, SDXL) on cuda, tiny models on cpu; device: the batch "
+        "pipeline's device busy fraction with stand-in GPUs (any machine)",
     )
-    bench.add_argument("--out", default="bench-gpu", help="--suite gpu: output directory")
+    bench.add_argument(
+        "--out", default=None, help="--suite gpu: output directory; device: JSON file"
+    )
+    bench.add_argument(
+        "--shapes",
+        default="sd15,sdxl",
+        help="--suite device: stand-in device shapes, comma-separated: sd15 (512², 8 per "
+        "1.2 s), sdxl (1024², 2 per 1.35 s) or SIZE:BATCH:SECONDS",
+    )
+    bench.add_argument(
+        "--device-seconds",
+        type=float,
+        default=600.0,
+        help="--suite device: seconds of device work per shape, over all actors",
+    )
+    bench.add_argument(
+        "--actors", type=int, default=2, help="--suite device: model actors (stand-in GPUs)"
+    )
+    bench.add_argument(
+        "--quick",
+        action="store_true",
+        help="--suite gpu: only the Ray Data pipeline against the plain loop (SD 1.5 and SDXL)",
+    )
     return parser
 
 
@@ -123,7 +146,19 @@ def _bench(args) -> int:
     if args.suite == "gpu":
         from sdray.bench_levers import run_suite, summary_table
 
-        print(summary_table(run_suite(args.out, ray=not args.skip_ray)))
+        results = run_suite(args.out or "bench-gpu", ray=not args.skip_ray, quick=args.quick)
+        print(summary_table(results))
+        return 0
+    if args.suite == "device":
+        from sdray.bench_device import run_suite as run_device_suite
+
+        run_device_suite(
+            args.shapes.split(","),
+            device_seconds=args.device_seconds,
+            actors=args.actors,
+            overrides=args.overrides,
+            out=args.out,
+        )
         return 0
     config = load_config(args.config, args.overrides)
     run_bench(config, rows=args.rows, include_ray=not args.skip_ray, scaling=not args.no_scaling)
