@@ -514,7 +514,7 @@ def _run_generate(
         _say(warning)
     hold = run or lease_run(fs, root)  # the lease to check: a caller's (a sweep's), if any
     run = hold or uuid.uuid4().hex[:12]
-    # The runs whose shards this output may hold: those of the run resumed, and this one.
+    # The runs whose shards the output holds: those of the runs resumed, and this one.
     runs = [*(previous or {}).get("runs", []), run]
     registry = start_registry(plan, output_uri, storage, say)
     manifest: dict[str, Any] = {
@@ -572,7 +572,7 @@ def _run_generate(
     check_held(fs, root, hold)  # a run that lost the output leaves its manifest alone too
     clean_staging(fs, root, sink.run_id)
     fs.invalidate_cache()  # what the write tasks wrote, not what this process listed before
-    _refuse_foreign_shards(fs, root, plan, sink, runs, output_uri, len(config.output.partition_by))
+    _refuse_foreign_shards(fs, root, plan, sink, output_uri, len(config.output.partition_by))
     per_node = summarize(list(sink.stats.get("actors", {}).values()))
     return _finish(
         manifest, sink.stats, config, previous, started=started, marks=marks, per_node=per_node
@@ -591,13 +591,15 @@ def commit_warning(fs, root: str, output_uri: str) -> str | None:
     )
 
 
-def _refuse_foreign_shards(fs, root, plan: JobPlan, sink, runs, output_uri: str, depth: int):
-    """The end-of-run check: a shard committed during this run by another run, or with another
-    fingerprint (a run that lost the lease, committing between its last lease check and its
-    write), is removed, and the run fails saying so; --resume then generates its rows again."""
+def _refuse_foreign_shards(fs, root, plan: JobPlan, sink, output_uri: str, depth: int):
+    """The end-of-run check: a shard committed during this run by another run (one that lost
+    the lease, committing between its last lease check and its write, even the run this one
+    resumed: this run may have removed its images as uncommitted), or with another fingerprint,
+    is removed, and the run fails saying so; --resume then generates its rows again. The
+    shards there when this run planned were accepted by its resume check (fingerprint, ids)."""
     before = set(plan.committed_paths) | set(sink.stats.get("committed_paths", []))
     now = {path for shard in committed_shards(fs, root, depth).values() for path in shard["paths"]}
-    refused = foreign_shards(fs, root, now - before, sink.fingerprint, runs)
+    refused = foreign_shards(fs, root, now - before, sink.fingerprint, [sink.run])
     if not refused:
         return
     remove_shards(fs, root, [path for path, _ in refused])

@@ -647,12 +647,25 @@ class ImageDatasink(Datasink):
         return join(root, STAGING_DIR, self.run_id, unit)
 
     def _stage(self, fs, root: str, writer, call: dict[str, Any], table: pa.Table) -> dict:
-        """Stage one call of a unit: its piece written once (its images too, for `files`); the
-        task that stages the unit's last piece puts the unit together and commits it."""
+        """Stage one call of a unit: its piece written once (its images too, for `files`). A
+        task that finds every piece staged once its own is (or was, by an earlier attempt: a
+        retried task whose first attempt staged the last piece and died) puts the unit together
+        and commits what is not committed yet."""
         unit, staged = call["unit"], self._staged(root, call["unit"])
-        if self._committed(fs, root, unit, table):  # a retried task, after the unit's commit
-            return {"committed_elsewhere": table.num_rows}
-        own: list[str] = []
+        stats: dict[str, Any] = {}
+        if self._committed(fs, root, unit, table):  # a retried task, after its rows' commit
+            stats["committed_elsewhere"] = table.num_rows
+        else:
+            self._stage_piece(fs, root, writer, call, table)
+        fs.invalidate_cache(staged)
+        if len(fs.glob(join(staged, "*.parquet"))) < call["calls"]:
+            return stats
+        return _merge_stats(stats, self._assemble(fs, root, writer, unit, call["calls"]))
+
+    def _stage_piece(self, fs, root: str, writer, call: dict[str, Any], table: pa.Table) -> None:
+        """Write one call's piece, create-if-absent; an attempt that finds it written removes
+        the images it wrote itself."""
+        unit, own = call["unit"], []
         if self.output_format == "files":  # images in their place now; the piece says where
             parts = []
             for directory, rows in self._by_partition(table):
@@ -662,32 +675,36 @@ class ImageDatasink(Datasink):
             table = pa.concat_tables(parts, promote_options="permissive")
         hidden = [c for c in table.column_names if c.startswith("__sdray")]
         piece = table.drop_columns([c for c in hidden if c not in (IMAGE_COLUMN, STRIP_COLUMN)])
-        path = join(staged, f"{call['call']:06d}.parquet")
+        path = join(self._staged(root, unit), f"{call['call']:06d}.parquet")
         if not create_new(fs, path, _parquet_bytes(piece, compression="none")):
             for shard in own:  # another attempt staged this call: its images are the ones
                 fs.rm(join(root, shard), recursive=True)
-            return {}
-        fs.invalidate_cache(staged)
-        if len(fs.glob(join(staged, "*.parquet"))) < call["calls"]:
-            return {}
-        return self._assemble(fs, root, writer, unit, call["calls"], table.num_rows)
 
     def _committed(self, fs, root: str, unit: str, table: pa.Table) -> bool:
         """Whether the unit's shards of every partition of these rows are committed."""
-        fs.invalidate_cache(join(root, METADATA_DIR))
         return all(
-            fs.exists(join(root, f"{METADATA_DIR}/{directory}{unit}.parquet"))
+            self._shard_exists(fs, root, directory, unit)
             for directory in set(partition_dirs(table, self.partition_by))
         )
 
-    def _assemble(
-        self, fs, root: str, writer, unit: str, calls: int, rows_here: int
-    ) -> dict[str, Any]:
+    @staticmethod
+    def _shard_exists(fs, root: str, directory: str, unit: str) -> bool:
+        path = join(root, f"{METADATA_DIR}/{directory}{unit}.parquet")
+        fs.invalidate_cache(path.rsplit("/", 1)[0])  # another process may have committed it
+        return fs.exists(path)
+
+    def _assemble(self, fs, root: str, writer, unit: str, calls: int) -> dict[str, Any]:
         """Put a unit together from its staged pieces, shard by shard (partition), rows in the
-        unit's order, one piece in memory at a time. The pieces stay where they are until the
-        run ends (`clean_staging`), so a late attempt at a call finds its place taken; a
-        container's pieces are emptied once committed, to free their images' bytes."""
-        pieces = [join(self._staged(root, unit), f"{i:06d}.parquet") for i in range(calls)]
+        unit's order, one piece in memory at a time; shards committed already are left alone
+        (putting a unit together twice is harmless: the commit is create-if-absent). The
+        pieces stay where they are until the run ends (`clean_staging`), so a late attempt at
+        a call finds its place taken; once every shard of the unit is committed, a
+        container's pieces are emptied, to free their images' bytes."""
+        staged = self._staged(root, unit)
+        fs.invalidate_cache(staged)  # the pieces' sizes as they are now, not as listed
+        pieces = [join(staged, f"{i:06d}.parquet") for i in range(calls)]
+        stats: dict[str, Any] = {}
+        rows = None
         try:
             columns = [
                 name
@@ -697,10 +714,14 @@ class ImageDatasink(Datasink):
             rows = pa.concat_tables(
                 [_read_piece(fs, p, columns) for p in pieces], promote_options="permissive"
             )
-            stats: dict[str, Any] = {}
-            for directory, _ in self._by_partition(rows):
+            for directory, part in self._by_partition(rows):
+                if self._shard_exists(fs, root, directory, unit):
+                    # committed by another task putting the unit together, whose figures may
+                    # never have come back (it died after): the run counts what is stored
+                    stats = _merge_stats(stats, {"committed_elsewhere": part.num_rows})
+                    continue
                 if self.output_format == "files":  # the pieces point to their images already
-                    metadata = self._partition_rows(rows, directory)
+                    metadata = part
                     paths = metadata["image_path"].to_pylist()
                     own = sorted({_image_shard_of(p) for p in paths if p})
                 else:
@@ -711,8 +732,9 @@ class ImageDatasink(Datasink):
 
                     metadata, own = self._store_images(fs, root, writer, directory, unit, parts())
                 stats = _merge_stats(stats, self._commit(fs, root, directory, unit, metadata, own))
-        except _Emptied:  # another task put this unit together first, and emptied its pieces
-            return {"committed_elsewhere": rows_here}
+        except _Emptied:  # another task put this unit together, and emptied its pieces
+            elsewhere = rows.num_rows if rows is not None else 1
+            return _merge_stats(stats, {"committed_elsewhere": elsewhere})
         if self.output_format != "files":
             for path in pieces:
                 write_bytes_atomic(fs, path, b"")

@@ -232,13 +232,14 @@ def unit_row(name: str, rows: int, done: int, table) -> pa.Table:
     return call_row(name, 0, 1, rows, done, table)
 
 
-def row_pixel_bytes(table: pa.Table, preview_every: int = 0) -> np.ndarray:
+def row_pixel_bytes(table: pa.Table, preview_every: int = 0, unknown_area: int = 0) -> np.ndarray:
     """Raw pixel bytes each row brings to and takes from a model actor: its image, its previews,
-    and its init and mask images; none for a row already in error."""
+    and its init and mask images; none for a row already in error. A row whose size is not
+    known yet (an image-to-image row sized by its picture) counts `unknown_area` pixels."""
     import pyarrow.compute as pc
 
     area = pc.multiply(table.column("width"), table.column("height")).to_numpy(zero_copy_only=False)
-    area = np.nan_to_num(area.astype(np.float64)).astype(np.int64)
+    area = np.nan_to_num(area.astype(np.float64), nan=unknown_area).astype(np.int64)
     images = np.ones(table.num_rows, np.int64)
     if preview_every:
         from sdray.requests import denoising_start
@@ -258,11 +259,16 @@ def row_pixel_bytes(table: pa.Table, preview_every: int = 0) -> np.ndarray:
 
 
 def cut_calls(
-    table: pa.Table, rows_per_call: int, max_bytes: int, preview_every: int = 0
+    table: pa.Table,
+    rows_per_call: int,
+    max_bytes: int,
+    preview_every: int = 0,
+    unknown_area: int = 0,
 ) -> list[tuple[int, int]]:
     """(start, stop) of runs of consecutive rows, each at most `rows_per_call` rows to generate
-    and `max_bytes` of raw pixels (but at least one row); rows in error ride along for free."""
-    sizes = row_pixel_bytes(table, preview_every)
+    and `max_bytes` of raw pixels (but at least one row); rows in error ride along for free.
+    Rows whose size their init image decides count as `unknown_area` (the largest allowed)."""
+    sizes = row_pixel_bytes(table, preview_every, unknown_area)
     if np.count_nonzero(sizes) <= rows_per_call and sizes.sum() <= max_bytes:
         return [(0, table.num_rows)]  # the unit in one call
     bounds, start, rows, held = [], 0, 0, 0
@@ -400,7 +406,14 @@ class PrepareUnits:
         if not todo.num_rows:
             yield unit_row(name, rows, done, None)
             return
-        bounds = cut_calls(todo, self.rows_per_call, self.max_call_bytes, self.preview_every)
+        generation = self.prepare.generation
+        bounds = cut_calls(
+            todo,
+            self.rows_per_call,
+            self.max_call_bytes,
+            self.preview_every,
+            unknown_area=generation.max_width * generation.max_height,
+        )
         for call, (start, stop) in enumerate(bounds):
             part = todo.slice(start, stop - start)
             if self.fetch is not None:
