@@ -13,6 +13,7 @@ import threading
 import time
 from dataclasses import dataclass
 
+from sdray.bench_levers import _sync
 from sdray.config import SdrayConfig
 from sdray.families import with_model_defaults
 from sdray.requests import GenerationRequest, derive_seed
@@ -51,13 +52,6 @@ def bench_requests(config: SdrayConfig, rows: int) -> list[GenerationRequest]:
         )
         for i in range(rows)
     ]
-
-
-def _sync(device: str) -> None:
-    if device == "cuda":
-        import torch
-
-        torch.cuda.synchronize()
 
 
 def _chunks(items, size):

@@ -86,8 +86,6 @@ class StandInEngine:
     its seed: the same seed gives the same image). Every hold is logged to `log_dir`."""
 
     def __init__(self, shape: DeviceShape, log_dir: str | None = None) -> None:
-        from sdray.requests import GenerationRequest  # noqa: F401 - the engine's request type
-
         self.shape = shape
         self.max_batch_size = shape.batch
         self.device = "stand-in"

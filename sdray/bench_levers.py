@@ -5,8 +5,8 @@ On cuda it builds SD 1.5 and SDXL base from their published configs with random 
 diffusers' own pipeline loop, the engine with each lever added in turn (fp32 with the classic
 attention kernel, then SDPA, bfloat16, fused QKV, channels-last, compiled UNet, compiled VAE),
 batch sizes, a 2048x2048 decode with and without VAE tiling; before all of these, the Ray Data
-pipeline against the plain loop (steady state and end to end), when Ray is installed. On CPU the same code
-runs the embedded tiny models at tiny sizes, so tests run it. Every row is written to the JSON
+pipeline against the plain loop (steady state and end to end), when Ray is installed. On CPU
+the same code runs the embedded tiny models at tiny sizes, so tests run it. Every row is written to the JSON
 as soon as it is measured, and a time budget skips what would not fit (named in the output).
 """
 
@@ -316,8 +316,8 @@ def memory_2048(suite: Suite, scratch: Path) -> None:
 def pipeline_vs_loop(suite: Suite, workload: Workload, scratch: Path) -> None:
     """(a) The Ray Data pipeline against the plain diffusers loop on the same device: the
     workload's model with the eager levers (bfloat16, fused QKV), `pipeline_rows` rows through
-    the whole job (one shard per batch, so each commit is timed: steady state between the first
-    and last tenth of them), and its end-to-end rate from launch."""
+    the whole job (one shard per model actor call, so each commit is timed: steady state
+    between the first and last tenth of them), and its end-to-end rate from launch."""
     key = f"{workload.model} {workload.size}x{workload.size}"
     record: dict[str, Any] = {}
     suite.results.setdefault("pipeline", {})[key] = record

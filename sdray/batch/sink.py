@@ -544,16 +544,18 @@ class ImageDatasink(Datasink):
             return stats
         check_held(fs, root, self.lease_run)  # a run that lost the output writes nothing more
         table = unpack(call["table"])
-        if self.encode is not None:
-            table = self.encode(table)
         if call["calls"] > 1:
             return _merge_stats(stats, self._stage(fs, root, writer, call, table))
         if self._committed(fs, root, call["unit"], table):  # by an attempt Ray never heard of
             return _merge_stats(stats, {"committed_elsewhere": table.num_rows})
-        for directory, piece in self._by_partition(table):
+        for directory, piece in self._by_partition(self._encoded(table)):
             stored = self._store_images(fs, root, writer, directory, call["unit"], [piece])
             stats = _merge_stats(stats, self._commit(fs, root, directory, call["unit"], *stored))
         return stats
+
+    def _encoded(self, table: pa.Table) -> pa.Table:
+        """The rows with their images encoded (the encode stage), once they are to be written."""
+        return table if self.encode is None else self.encode(table)
 
     def _by_partition(self, table: pa.Table) -> list[tuple[str, pa.Table]]:
         """The table's rows by partition directory, each in the table's order."""
@@ -656,7 +658,7 @@ class ImageDatasink(Datasink):
         if self._committed(fs, root, unit, table):  # a retried task, after its rows' commit
             stats["committed_elsewhere"] = table.num_rows
         else:
-            self._stage_piece(fs, root, writer, call, table)
+            self._stage_piece(fs, root, writer, call, self._encoded(table))
         fs.invalidate_cache(staged)
         if len(fs.glob(join(staged, "*.parquet"))) < call["calls"]:
             return stats

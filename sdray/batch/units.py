@@ -250,10 +250,8 @@ def row_pixel_bytes(table: pa.Table, preview_every: int = 0, unknown_area: int =
             (s - denoising_start(s, g)) // preview_every if s else 0
             for s, g in zip(steps, strength, strict=True)
         ]
-    per_row = area * 3 * images
-    if "mode" in table.column_names:
-        mode = table.column("mode").to_pylist()
-        per_row += area * np.array([{"img2img": 3, "inpaint": 4}.get(m, 0) for m in mode])
+    inputs = [{"img2img": 3, "inpaint": 4}.get(m, 0) for m in table.column("mode").to_pylist()]
+    per_row = area * (3 * images + np.array(inputs, np.int64))
     ok = pc.fill_null(pc.equal(table.column("status"), "ok"), False).to_numpy(zero_copy_only=False)
     return np.where(ok, per_row, 0)
 

@@ -4,7 +4,6 @@ each shard committed once, by one attempt, recording its run."""
 from __future__ import annotations
 
 import io
-import json
 import random
 
 import numpy as np
@@ -24,7 +23,7 @@ from sdray.batch.sink import (
     remove_uncommitted,
 )
 from sdray.batch.stages import PIXELS_COLUMN, EncodeStage, pixel_array
-from sdray.batch.units import PrepareUnits, call_row, cut_calls, unpack
+from sdray.batch.units import call_row, cut_calls
 from sdray.config import GenerationConfig, OutputConfig, SdrayConfig
 from sdray.requests import prepare_table
 
@@ -63,41 +62,6 @@ def test_calls_are_bounded_by_rows_and_by_pixel_bytes_whatever_the_shard():
     mixed = prepared(6, size=1024, width=[1024, 1020, 1020, 1020, 1024, 1024])
     assert mixed.column("status").to_pylist()[1:4] == ["error"] * 3
     assert cut_calls(mixed, rows_per_call=2, max_bytes=1 << 40) == [(0, 5), (5, 6)]
-
-
-def test_a_1024_unit_of_700_rows_travels_in_calls_under_arrows_limits(tmp_path):
-    """The failure this replaces: a unit of 700 rows at 1024x1024 went through the model actor
-    as one call whose pixels (2.2 GB) overflowed an Arrow binary array. Its calls hold 64 MiB
-    of pixels at most, each one block, and their sum is the unit."""
-    (tmp_path / "p.csv").write_text("id,prompt\n" + "".join(f"r{i},x\n" for i in range(700)))
-    from sdray.batch.read import inspect_prompt_files, list_prompt_files
-    from sdray.batch.units import plan_read_tasks
-
-    files = list_prompt_files(str(tmp_path))
-    files[0]["index"] = 0
-    text, expected, _ = inspect_prompt_files(files)
-    (task,) = plan_read_tasks(files, 700)
-    prepare = PrepareUnits(
-        GenerationConfig(width=1024, height=1024),
-        rows_per_unit=700,
-        text_columns=text,
-        expected=expected,
-        partition_by=[],
-        order_by=[],
-        rows_per_call=64,
-        max_call_bytes=64 << 20,
-    )
-    calls = [row for t in prepare(pa.table({"task": [json.dumps(task)]})) for row in t.to_pylist()]
-    assert len(calls) == 34 and {c["calls"] for c in calls} == {34}
-    assert [c["call"] for c in calls] == list(range(34))
-    assert [(c["rows"], c["done"]) for c in calls[:2]] == [(700, 0), (0, 0)]  # counts once
-    sizes = [unpack(c["table"]).num_rows for c in calls]
-    assert sum(sizes) == 700 and max(sizes) == 21  # 21 x 3 MiB = 63 MiB
-    # What one call hands on: 21 images of 1024x1024 in one column, far from 2 GiB.
-    images = [np.full((1024, 1024, 3), i, np.uint8) for i in range(21)]
-    column = pixel_array([*images, None])
-    assert column.type == pa.large_binary() and column.null_count == 1
-    assert column[20].as_py() == bytes([20]) * (1024 * 1024 * 3)
 
 
 def encoded_rows(n: int, lang: list[str] | None = None) -> pa.Table:

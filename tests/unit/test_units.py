@@ -118,6 +118,37 @@ def test_a_unit_name_says_which_rows_it_holds(tmp_path):
         list(prepare(pa.table({"task": [json.dumps(tasks[0])]})))
 
 
+def test_a_1024_unit_of_700_rows_travels_in_calls_under_arrows_limits(tmp_path):
+    """The failure this replaces: a unit of 700 rows at 1024x1024 went through the model actor
+    as one call whose pixels (2.2 GB) overflowed an Arrow binary array. Its calls hold 64 MiB
+    of pixels at most, each one block, and their sum is the unit."""
+    from sdray.batch.stages import pixel_array
+
+    (tmp_path / "p.csv").write_text("id,prompt\n" + "".join(f"r{i},x\n" for i in range(700)))
+    (task,), text, expected = _planned(tmp_path, 700)
+    prepare = PrepareUnits(
+        GenerationConfig(width=1024, height=1024),
+        rows_per_unit=700,
+        text_columns=text,
+        expected=expected,
+        partition_by=[],
+        order_by=[],
+        rows_per_call=64,
+        max_call_bytes=64 << 20,
+    )
+    calls = [row for t in prepare(pa.table({"task": [json.dumps(task)]})) for row in t.to_pylist()]
+    assert len(calls) == 34 and {c["calls"] for c in calls} == {34}
+    assert [c["call"] for c in calls] == list(range(34))
+    assert [(c["rows"], c["done"]) for c in calls[:2]] == [(700, 0), (0, 0)]  # counts once
+    sizes = [unpack(c["table"]).num_rows for c in calls]
+    assert sum(sizes) == 700 and max(sizes) == 21  # 21 x 3 MiB = 63 MiB
+    # What one call hands on: 21 images of 1024x1024 in one column, far from 2 GiB.
+    images = [np.full((1024, 1024, 3), i, np.uint8) for i in range(21)]
+    column = pixel_array([*images, None])
+    assert column.type == pa.large_binary() and column.null_count == 1
+    assert column[20].as_py() == bytes([20]) * (1024 * 1024 * 3)
+
+
 def test_a_resumed_unit_redoes_only_its_uncommitted_partitions_and_claims_their_ids(tmp_path):
     """A unit whose `lang=en` shard an earlier run committed: only its `fr` rows are redone, they
     claim their ids as the rows at their places in the input, and a row whose id another row
