@@ -9,7 +9,7 @@ handling as `sdray generate`.
 
 import sys
 
-from sdray.cli import main
+from sdray.cli import run
 
 if __name__ == "__main__":
-    sys.exit(main(["generate", *sys.argv[1:]]))
+    run(["generate", *sys.argv[1:]])

@@ -9,7 +9,7 @@ handling as `sdray sweep`.
 
 import sys
 
-from sdray.cli import main
+from sdray.cli import run
 
 if __name__ == "__main__":
-    sys.exit(main(["sweep", *sys.argv[1:]]))
+    run(["sweep", *sys.argv[1:]])

@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 import traceback
+from typing import NoReturn
 
 from sdray.errors import SdrayError
 
@@ -192,5 +193,49 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+# How long a finished command waits for Ray's shutdown (a driver disconnecting from its
+# cluster) before it ends without it: its results are committed already.
+SHUTDOWN_WAIT_S = 20.0
+
+
+def exit_process(code: int) -> NoReturn:
+    """End this process with `code` within seconds of its command finishing.
+
+    A driver's exit runs `ray.shutdown()` (Ray's atexit hook) and joins every non-daemon
+    thread; either can block on a peer that is gone — a node killed outright, whose raylet the
+    driver's core worker still waits on — and a process that never exits is a `ray job` that
+    never ends (`ray job submit`, and a KubeRay RayJob, wait on it forever). So the process
+    shuts Ray down itself, waits for that at most SHUTDOWN_WAIT_S, flushes its output and
+    exits without running anything else. Only for the process's entry points (the `sdray`
+    command, pipelines/), never for `main` called as a library.
+    """
+    import os
+    import threading
+
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        shut = threading.Thread(target=ray.shutdown, name="sdray-ray-shutdown", daemon=True)
+        shut.start()
+        shut.join(SHUTDOWN_WAIT_S)
+        if shut.is_alive():
+            print(
+                f"sdray: Ray's shutdown did not finish in {SHUTDOWN_WAIT_S:.0f}s; exiting "
+                "without it",
+                file=sys.stderr,
+            )
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe: nothing more to say
+            pass
+    os._exit(code)
+
+
+def run(argv: list[str] | None = None) -> NoReturn:
+    """The `sdray` command and pipelines/ scripts: `main`, then `exit_process`."""
+    exit_process(main(argv))
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

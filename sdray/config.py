@@ -244,8 +244,15 @@ class BatchConfig(_Section):
     max_actor_restarts: int = Field(
         3,
         ge=0,
-        description="Times a model actor that died (crash, device fault, node loss) is restarted "
-        "and its batch retried before the run fails.",
+        description="Crashes (native code, out of memory, a device fault) a model actor is "
+        "restarted after, its units retried, before the run fails. A lost node is no crash: its "
+        "actors restart elsewhere, their units with them, as often as nodes are lost.",
+    )
+    actor_wait_s: float = Field(
+        600.0,
+        gt=0,
+        description="Seconds a run waits with no model actor alive (every node that held one "
+        "lost) for one to restart on a node that joins, before it fails saying so.",
     )
     batches_per_call: int = Field(
         4,

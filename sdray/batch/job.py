@@ -17,6 +17,7 @@ from datetime import datetime, timezone
 from importlib import metadata as importlib_metadata
 from typing import Any
 
+from sdray.batch.actors import ActorWatch
 from sdray.batch.cluster import (
     check_paths_on_every_node,
     local_ray_settings,
@@ -303,9 +304,9 @@ def _unwrap(error: BaseException) -> BaseException:
             if "error raised in its creation task" in str(current):  # the model actor's __init__
                 return _remote_cause(str(current)) or SdrayError(f"the job failed: {current}")
             return SdrayError(
-                "model actors kept dying (batch.max_actor_restarts exhausted): a crash in "
-                "native code, or the node ran out of memory; the Ray logs say which. "
-                "Committed shards are kept; continue with --resume."
+                "a model actor died for good (killed, or it could not be restarted): "
+                f"{str(current).splitlines()[0]} The Ray logs say why. Committed shards are "
+                "kept; continue with --resume."
             )
         cause = getattr(current, "cause", None)
         current = cause if isinstance(cause, BaseException) else current.__cause__
@@ -334,14 +335,13 @@ def actor_pool(config: SdrayConfig):
 
 
 def actor_resources(config: SdrayConfig) -> dict[str, float]:
-    """Ray options of a model actor: a GPU each on cuda, fractional CPUs on CPU, and bounded
-    restarts (Ray Data's default restarts a crashing actor forever)."""
+    """Ray options of a model actor: a GPU each on cuda, fractional CPUs on CPU. Restarts and
+    task retries are Ray Data's defaults, unbounded: `ActorWatch` counts crashes (not node
+    losses) against `batch.max_actor_restarts` (see sdray.batch.actors)."""
     import ray
 
     gpus = ray.cluster_resources().get("GPU", 0)
     device = resolved_device(config)
-    retries = config.batch.max_actor_restarts
-    bounded = {"max_restarts": retries, "max_task_retries": retries}
     if device == "cuda" or config.model.reserve_gpus_on_cpu:
         if gpus == 0:
             _say(
@@ -349,8 +349,8 @@ def actor_resources(config: SdrayConfig) -> dict[str, float]:
                 "GPUs now: the model actors wait for GPU nodes to join (an autoscaling "
                 "cluster adds them)"
             )
-        return {"num_gpus": config.batch.num_gpus_per_actor, "num_cpus": 1, **bounded}
-    return {"num_cpus": config.batch.num_cpus_per_actor, **bounded}
+        return {"num_gpus": config.batch.num_gpus_per_actor, "num_cpus": 1}
+    return {"num_cpus": config.batch.num_cpus_per_actor}
 
 
 def input_base(input_uri: str, storage: dict[str, Any]) -> str:
@@ -553,10 +553,22 @@ def _run_generate(
         fingerprint=manifest["fingerprint"],
     )
     generate_started = time.perf_counter()
+    depth = len(config.output.partition_by)
+
+    def committed() -> int:  # the run's progress, as the store shows it
+        fs.invalidate_cache()
+        return len(committed_shards(fs, root, depth))
+
+    watch = ActorWatch(config.batch.max_actor_restarts, config.batch.actor_wait_s, committed)
     try:
-        _pipeline(
-            plan, config, model, generate_stage, registry, output_uri, input_uri
-        ).write_datasink(sink, ray_remote_args={"num_cpus": 0.25})
+        with watch:
+            _pipeline(
+                plan, config, model, generate_stage, registry, output_uri, input_uri
+            ).write_datasink(sink, ray_remote_args={"num_cpus": 0.25})
+    except KeyboardInterrupt:
+        if watch.failure is None:
+            raise
+        raise watch.failure from None
     except Exception as error:
         failure = _unwrap(error)
         if isinstance(failure, ErrorBudgetExceeded):
@@ -652,8 +664,8 @@ def _pipeline(
     )
     units = source.map_batches(prepare, batch_size=1, batch_format="pyarrow", num_cpus=0.25)
     with warnings.catch_warnings():
-        # Ray Data 2.60 takes actor restart limits only through its deprecated
-        # **ray_remote_args (there is no named parameter yet); revisit on upgrade.
+        # Ray Data 2.60 takes actor resources only through its deprecated **ray_remote_args
+        # (there is no named parameter yet); revisit on upgrade.
         warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
         pixels = units.map_batches(
             UnitStage,

@@ -200,6 +200,8 @@ def _kind(name: str) -> pa.DataType:
 # Fault injection for tests: when set to a path, the first model actor to see a batch creates
 # that file and dies, so tests can show a crashed actor's batch is retried and nothing is lost.
 CRASH_ONCE_ENV = "SDRAY_TEST_CRASH_ONCE"
+# ... and when set at all, every model actor dies at every batch: a crash loop.
+CRASH_ALWAYS_ENV = "SDRAY_TEST_CRASH_ALWAYS"
 
 
 class ErrorBudgetExceeded(SdrayError):
@@ -441,6 +443,9 @@ def _exit_actor() -> None:
 def _maybe_crash_once() -> None:
     import os
 
+    if os.environ.get(CRASH_ALWAYS_ENV):
+        log.warning("%s: crashing this model actor on purpose", CRASH_ALWAYS_ENV)
+        _exit_actor()
     marker = os.environ.get(CRASH_ONCE_ENV)
     if not marker:
         return

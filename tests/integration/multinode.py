@@ -192,8 +192,11 @@ class LocalCluster:
             time.sleep(0.2)
         return node
 
-    def start_head(self, env: dict[str, str] | None = None) -> RayNode:
-        """The head: GCS and dashboard, no CPUs or GPUs for work (drivers run here)."""
+    def start_head(
+        self, env: dict[str, str] | None = None, num_cpus: int = 0, fast_node_death: bool = True
+    ) -> RayNode:
+        """The head: GCS and dashboard, and (by default) no CPUs or GPUs for work: drivers
+        run here. `fast_node_death=False` keeps Ray's default health checks."""
         self.gcs_port, self.dashboard_port = free_port(), free_port()
         self.head = self._launch(
             "head",
@@ -210,12 +213,12 @@ class LocalCluster:
                 "--dashboard-port",
                 str(self.dashboard_port),
                 "--num-cpus",
-                "0",
+                str(num_cpus),
                 "--num-gpus",
                 "0",
             ],
             {},
-            {**FAST_NODE_DEATH, **(env or {})},
+            {**(FAST_NODE_DEATH if fast_node_death else {}), **(env or {})},
         )
         self.head.node_id = self._joined(self.head)
         return self.head

@@ -167,6 +167,23 @@ def test_sigkill_then_resume(tmp_path, sdray_env):
     assert new_rows == n - len(committed_ids)
 
 
+def test_a_crash_loop_fails_once_an_actor_crashed_max_actor_restarts_times(tmp_path, sdray_env):
+    """Restarts are unbounded for Ray (a lost node must never end a run); sdray counts an
+    actor's crashes itself, and one that crashes at every batch fails the run, saying so."""
+    source = tmp_path / "prompts.parquet"
+    write_prompts(source, 4)
+    one = ["--set", "batch.min_actors=1", "--set", "batch.max_actors=1"]
+    result = run_cli(
+        ["generate", "--input", str(source), "--output", str(tmp_path / "out"), "--no-progress"]
+        + [*QUICK, *one, "--set", "batch.max_actor_restarts=1"],
+        env={**sdray_env, "SDRAY_TEST_CRASH_ALWAYS": "1"},
+        timeout=300,
+    )
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "a model actor crashed 2 times (batch.max_actor_restarts=1)" in result.stderr
+    assert "--resume" in result.stderr
+
+
 def test_crashing_actor_is_retried(tmp_path, sdray_env):
     n = 12
     source = tmp_path / "prompts.parquet"

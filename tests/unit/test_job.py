@@ -122,7 +122,7 @@ def test_actor_deaths_and_local_errors():
     from ray.exceptions import ActorDiedError
 
     failure = _unwrap(ActorDiedError())
-    assert "max_actor_restarts" in str(failure) and "--resume" in str(failure)
+    assert "died for good" in str(failure) and "--resume" in str(failure)
     plain = FileNotFoundError("nope")
     assert _unwrap(plain) is plain
     budget = ErrorBudgetExceeded("too many")
