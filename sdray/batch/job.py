@@ -334,14 +334,21 @@ def actor_pool(config: SdrayConfig):
     )
 
 
-def actor_resources(config: SdrayConfig) -> dict[str, float]:
-    """Ray options of a model actor: a GPU each on cuda, fractional CPUs on CPU. Restarts and
-    task retries are Ray Data's defaults, unbounded: `ActorWatch` counts crashes (not node
-    losses) against `batch.max_actor_restarts` (see sdray.batch.actors)."""
+def actor_resources(config: SdrayConfig) -> dict[str, Any]:
+    """Ray options of a model actor: a GPU each on cuda, fractional CPUs on CPU, restarts and
+    task retries unbounded: `ActorWatch` counts crashes (not node losses) against
+    `batch.max_actor_restarts` (see sdray.batch.actors).
+
+    They are Ray Data's defaults too, but stated: actor options of their own also keep Ray Data
+    from fusing the read tasks (`PrepareUnits`) into the model actors' operator, which it does
+    when the two ask for nothing but resources — every unit then read and cut by one actor,
+    and all its calls generated there (tests/integration/test_gpu_sizes.py shows two actors
+    sharing one unit's calls)."""
     import ray
 
     gpus = ray.cluster_resources().get("GPU", 0)
     device = resolved_device(config)
+    unbounded = {"max_restarts": -1, "max_task_retries": -1}
     if device == "cuda" or config.model.reserve_gpus_on_cpu:
         if gpus == 0:
             _say(
@@ -349,8 +356,8 @@ def actor_resources(config: SdrayConfig) -> dict[str, float]:
                 "GPUs now: the model actors wait for GPU nodes to join (an autoscaling "
                 "cluster adds them)"
             )
-        return {"num_gpus": config.batch.num_gpus_per_actor, "num_cpus": 1}
-    return {"num_cpus": config.batch.num_cpus_per_actor}
+        return {"num_gpus": config.batch.num_gpus_per_actor, "num_cpus": 1, **unbounded}
+    return {"num_cpus": config.batch.num_cpus_per_actor, **unbounded}
 
 
 def input_base(input_uri: str, storage: dict[str, Any]) -> str:
