@@ -135,6 +135,7 @@ class DiffusionEngine:
         self.files = files
         self.plan = files.plan
         self.model_name = files.name
+        self.allow_pickle = allow_pickle
         self.max_batch_size = max_batch_size
         quiet_libraries()
         self.family = family_class(self.plan.family).load(
@@ -198,7 +199,9 @@ class DiffusionEngine:
 
     def model_hash(self) -> str:
         """sha256 of the model's files (its identity in manifests and fingerprints)."""
-        return model_hash(self.files.directory)
+        return model_hash(
+            self.files.directory, family=self.plan.family, allow_pickle=self.allow_pickle
+        )
 
     def generate(
         self, requests: Sequence[GenerationRequest], on_preview: PreviewCallback | None = None

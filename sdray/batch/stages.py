@@ -350,7 +350,8 @@ class GenerateStage:
             )
 
     def _generate(self, requests):
-        """Generate; if a whole batch raises, retry row by row so one bad row fails alone.
+        """Generate, one engine call per denoising batch; if one raises, retry its rows one by
+        one so one bad row fails alone (and the batches already made are kept).
 
         A device fault (a broken CUDA context) is no row's fault and poisons every later call:
         the actor exits, so Ray starts a fresh one and retries the batch there, within
@@ -359,12 +360,21 @@ class GenerateStage:
         from sdray.engine import (
             GenerationResult,
             free_device_memory,
+            group_compatible,
             is_device_fault,
             is_out_of_memory,
         )
 
         if not requests:
             return []
+        groups = group_compatible(requests, self.engine.max_batch_size)
+        if len(groups) > 1:  # one engine call per denoising batch: a failure costs only its own
+            results: list = [None] * len(requests)
+            for indices in groups:
+                done = self._generate([requests[i] for i in indices])
+                for index, result in zip(indices, done, strict=True):
+                    results[index] = result
+            return results
         try:
             return self.engine.generate(requests)
         except Exception as error:  # noqa: BLE001 - becomes row data, the job goes on

@@ -233,7 +233,8 @@ def resolve_model(
         name = str(directory)
     plan = check_model_directory(directory, source, allow_pickle=allow_pickle)
     if expected_sha256 is not None and not _is_remote(source):
-        _check_unchanged(source, model_hash(directory), expected_sha256)
+        actual = model_hash(directory, family=plan.family, allow_pickle=allow_pickle)
+        _check_unchanged(source, actual, expected_sha256)
     return ModelFiles(source=source, directory=directory, name=name, plan=plan)
 
 
@@ -289,11 +290,19 @@ def _check_weights(names: list[str], component: str, source: str, *, allow_pickl
     raise ModelError(f"model {source!r}: {component}/ holds no weight files")
 
 
-def model_hash(directory: Path) -> str:
-    """sha256 over every file of the model (path and bytes), cached beside it by size+mtime."""
-    files = sorted(
-        p for p in directory.rglob("*") if p.is_file() and not p.name.startswith(".sdray")
-    )
+def model_hash(directory: Path, *, family: str | None = None, allow_pickle: bool = False) -> str:
+    """sha256 over the files loading reads (`select_model_files`: paths and bytes; a README,
+    another framework's weights or an unused folder beside them change nothing), cached beside
+    the model by size+mtime, so each node hashes a model once."""
+    if family is None:
+        family = plan_directory(directory, str(directory)).family
+    present = [
+        str(p.relative_to(directory))
+        for p in directory.rglob("*")
+        if p.is_file() and not p.name.startswith(".sdray")
+    ]
+    chosen = select_model_files(present, allow_pickle=allow_pickle, family=family)
+    files = [directory / relative for relative in chosen]
     stamp = [[str(p.relative_to(directory)), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
     cached = directory / _HASH_FILE
     try:
@@ -346,7 +355,7 @@ def model_identity(
         identity = {
             "source": files.source,
             "name": files.name,
-            "sha256": model_hash(files.directory),
+            "sha256": model_hash(files.directory, family=plan.family, allow_pickle=allow_pickle),
         }
     return {**identity, "family": plan.family}, plan
 

@@ -153,7 +153,9 @@ def write_reference_model(
 
     spec = REFERENCE[name]
     directory.mkdir(parents=True, exist_ok=True)
-    index = dict(spec["model_index"])
+    import diffusers
+
+    index = {**spec["model_index"], "_diffusers_version": diffusers.__version__}
     for folder, (cls, config) in spec["text_encoders"].items():
         tokenizer = folder.replace("text_encoder", "tokenizer")
         write_tokenizer(directory / tokenizer)

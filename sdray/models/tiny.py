@@ -153,6 +153,8 @@ def text_encoder_config(vocab_size: int) -> dict:
 
 MODEL_INDEX = {
     "_class_name": "StableDiffusionPipeline",
+    # diffusers' own pipelines read it (DiffusionPipeline.from_pretrained fails without it).
+    "_diffusers_version": "0.42.1",
     "text_encoder": ["transformers", "CLIPTextModel"],
     "tokenizer": ["transformers", "CLIPTokenizer"],
     "unet": ["diffusers", "UNet2DConditionModel"],

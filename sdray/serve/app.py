@@ -61,9 +61,9 @@ class ImageReplica:
 
     The batching unit is one image, so the `n` images of a request count toward
     `serve.max_batch_size` and a large `n` spreads over several engine calls. Batches form when
-    the engine is free (`AdaptiveBatcher`): a lone request never waits for company. Each Serve batch
-    is split into compatible groups (size, steps, scheduler, guidance) before it reaches the
-    engine, so incompatible requests never share a denoising batch. When a batched engine call
+    the engine is free (`AdaptiveBatcher`): a lone request never waits for company. A batch
+    forms from queued images that can share a denoising batch (size, steps, scheduler,
+    guidance), so mixed traffic still rides in full batches. When a batched engine call
     raises, its images are tried again one by one, so one bad request fails alone.
 
     A plain class, so tests can drive it without Serve; `ImageService` is its deployment.
@@ -94,7 +94,10 @@ class ImageReplica:
         self._failed_calls = 0  # engine calls in a row that raised
         self._fatal: str | None = None  # why the engine cannot serve any more
         self.batcher = AdaptiveBatcher(
-            self.generate_batch, settings.max_batch_size, settings.batch_wait_timeout_s
+            self.generate_batch,
+            settings.max_batch_size,
+            settings.batch_wait_timeout_s,
+            key=lambda job: job.request.batch_key(),  # one denoising batch per Serve batch
         )
         self._warm_up()
         log.info("replica ready: model %s on %s", self.model_name, self.device)

@@ -6,6 +6,11 @@ every image queued by then (up to `max_batch_size`), so requests that arrived wh
 worked ride together without waiting; it waits (at most `max_wait_s`) only while the batch is
 not full and more requests are on their way in (their bodies being read by this replica).
 A lone client therefore never waits, and a busy replica fills its batches from its queue.
+
+A batch holds items of one key (`key(item)`: for images, what must match to share a denoising
+batch — size, steps, scheduler, guidance): it forms around the oldest item queued and takes the
+queued items of that key, in order, leaving the others for the batches after. So mixed
+traffic still rides in full batches, none skipped over for long (the oldest goes first).
 """
 
 from __future__ import annotations
@@ -14,7 +19,8 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections import deque
+from collections.abc import Awaitable, Callable, Hashable
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -28,8 +34,10 @@ class AdaptiveBatcher:
         run_batch: Callable[[list[Any]], Awaitable[list[Any]]],
         max_batch_size: int,
         max_wait_s: float,
+        key: Callable[[Any], Hashable] = lambda item: None,
     ) -> None:
         self.run_batch = run_batch
+        self.key = key
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
         self.arriving = 0  # requests being read that will queue items
@@ -38,7 +46,7 @@ class AdaptiveBatcher:
         self._reset()
 
     def _reset(self) -> None:
-        self._queue: asyncio.Queue = asyncio.Queue()
+        self._queue: deque[tuple[Any, asyncio.Future]] = deque()  # oldest first
         self._changed = asyncio.Event()  # something was queued, or an arrival ended
         self.waiting = asyncio.Event()  # set while a forming batch waits for arrivals
 
@@ -66,27 +74,41 @@ class AdaptiveBatcher:
         self._start()
         loop = asyncio.get_running_loop()
         futures = [loop.create_future() for _ in items]
-        for item, future in zip(items, futures, strict=True):
-            self._queue.put_nowait((item, future))
+        self._queue.extend(zip(items, futures, strict=True))
         self._changed.set()
         return list(await asyncio.gather(*futures))
 
-    def _take_queued(self, batch: list) -> None:
-        while len(batch) < self.max_batch_size and not self._queue.empty():
-            item, future = self._queue.get_nowait()
-            if not future.done():  # a caller that timed out is gone
+    def _take_queued(self, batch: list, key: Hashable) -> None:
+        """Move the queued items of `key` into `batch`, oldest first, up to a full batch."""
+        kept: deque = deque()
+        while self._queue:
+            item, future = self._queue.popleft()
+            if future.done():  # a caller that timed out is gone
+                continue
+            if len(batch) < self.max_batch_size and self.key(item) == key:
                 batch.append((item, future))
+            else:
+                kept.append((item, future))
+        self._queue = kept
+
+    async def _oldest_key(self) -> Hashable:
+        """The key of the oldest live item queued, once there is one."""
+        while True:
+            while self._queue and self._queue[0][1].done():
+                self._queue.popleft()
+            if self._queue:
+                return self.key(self._queue[0][0])
+            self._changed.clear()
+            await self._changed.wait()
 
     async def _form(self) -> list:
-        """The next batch: what is queued now, plus what arrives while more is on its way."""
+        """The next batch: the oldest item and the queued items of its key, plus those that
+        arrive while more are on their way."""
+        key = await self._oldest_key()
         batch: list = []
-        while not batch:
-            batch.append(await self._queue.get())
-            if batch[0][1].done():
-                batch.clear()
         deadline = time.monotonic() + self.max_wait_s
         while True:
-            self._take_queued(batch)
+            self._take_queued(batch, key)
             remaining = deadline - time.monotonic()
             if len(batch) >= self.max_batch_size or self.arriving == 0 or remaining <= 0:
                 return batch
@@ -99,6 +121,8 @@ class AdaptiveBatcher:
     async def _work(self) -> None:
         while True:
             batch = await self._form()
+            if not batch:  # its oldest caller gave up meanwhile, alone with its key
+                continue
             try:
                 results = await self.run_batch([item for item, _ in batch])
             except Exception as error:  # noqa: BLE001 - handed to each caller

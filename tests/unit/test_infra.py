@@ -114,3 +114,30 @@ def test_the_launcher_config_validates_and_runs_the_image_on_gpu_workers():
     actors_per_node = worker["resources"]["GPU"] / config.batch.num_gpus_per_actor
     assert actors_per_node >= 1
     assert worker["max_workers"] * actors_per_node >= config.batch.max_actors
+
+
+# Distributions whose import name differs from their name.
+IMPORT_NAMES = {"pyyaml": "yaml", "pillow": "PIL", "python-multipart": "multipart"}
+
+
+def test_every_runtime_requirement_is_imported_or_says_why_it_is_there():
+    """A pin nobody imports (polars was one) is weight in every image; one that only a library
+    needs says so in a comment beside it."""
+    lines = (ROOT / "requirements.in").read_text().split("# tests / dev")[0].splitlines()
+    sources = "\n".join(
+        path.read_text()
+        for folder in ("sdray", "pipelines", "tests")
+        for path in (ROOT / folder).rglob("*.py")
+    )
+    unexplained = []
+    for number, line in enumerate(lines):
+        found = re.match(r"^([A-Za-z0-9_.-]+)(?:\[[^\]]*\])?==", line)
+        if not found:
+            continue
+        name = found[1].lower()
+        module = IMPORT_NAMES.get(name, name.replace("-", "_"))
+        imported = re.search(rf"^\s*(?:import|from) {re.escape(module)}\b", sources, re.M)
+        explained = "#" in line or lines[number - 1].startswith("#")
+        if not (imported or explained):
+            unexplained.append(name)
+    assert not unexplained, f"pinned, never imported, no reason given: {unexplained}"

@@ -30,6 +30,43 @@ def test_tiny_tokenizer_and_architecture(tiny_engine):
     )
 
 
+@pytest.mark.parametrize("name", ["tiny", "tiny-xl"])
+def test_every_diffusers_pipeline_of_the_family_loads_the_embedded_model(name, model_cache):
+    """The embedded models are ordinary diffusers directories: each pipeline class of their
+    family (text-to-image, image-to-image, inpainting) loads them as it would a hub model."""
+    import diffusers
+
+    from sdray.families import PIPELINE_CLASSES, detect_family
+
+    directory = resolve_model(name).directory
+    family = detect_family(json.loads((directory / "model_index.json").read_text()), name)
+    for class_name in PIPELINE_CLASSES[family]:
+        extra = {"safety_checker": None, "requires_safety_checker": False}
+        if "XL" in class_name:
+            extra = {"add_watermarker": False}
+        pipe = getattr(diffusers, class_name).from_pretrained(directory, **extra)
+        assert type(pipe).__name__ == class_name
+        assert type(pipe.unet).__name__ == "UNet2DConditionModel"
+
+
+def test_the_model_hash_covers_what_loads_and_only_that(tmp_path, model_cache):
+    """A README, another framework's weights or pickle weights not loaded beside safetensors
+    leave the model's identity alone; a byte of a weight that loads changes it."""
+    local = tmp_path / "model"
+    shutil.copytree(resolve_model("tiny").directory, local)
+    before = model_hash(local)
+    (local / "README.md").write_text("a model card")
+    (local / "unet" / "diffusion_pytorch_model.bin").write_bytes(b"pickle, never loaded")
+    (local / "text_encoder" / "flax_model.msgpack").write_bytes(b"flax")
+    assert model_hash(local) == before
+    assert model_hash(local, allow_pickle=True) == before  # safetensors still win
+    weights = next((local / "unet").glob("*.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    assert model_hash(local) != before
+
+
 def test_local_directory_source(tmp_path, model_cache):
     copy = tmp_path / "my-model"
     shutil.copytree(resolve_model("tiny").directory, copy)

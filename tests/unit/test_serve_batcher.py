@@ -114,3 +114,32 @@ def test_a_caller_that_gave_up_is_left_out_of_the_batch():
         return engine
 
     assert asyncio.run(go()).batches == [["a"], ["kept"]]
+
+
+def test_mixed_traffic_forms_full_batches_by_key_oldest_first():
+    """Images of two kinds queued alternately ride in batches of one kind each, the kind of
+    the oldest image first, not one image per batch."""
+
+    async def go():
+        engine = Engine(hold_first=True)
+        batcher = AdaptiveBatcher(
+            engine, max_batch_size=4, max_wait_s=3600, key=lambda item: item.split(":")[0]
+        )
+        first = asyncio.ensure_future(batcher.submit(["b:0"]))
+        await asyncio.wait_for(engine.started.wait(), BOUND_S)
+        mixed = [f"{kind}:{i}" for i in range(1, 6) for kind in ("a", "b")]
+        rest = [asyncio.ensure_future(batcher.submit([item])) for item in mixed]
+        await asyncio.sleep(0)  # let them queue (no timing: they queue on this tick)
+        engine.release.set()
+        results = await asyncio.wait_for(asyncio.gather(first, *rest), BOUND_S)
+        return results, engine
+
+    results, engine = asyncio.run(go())
+    assert engine.batches == [
+        ["b:0"],
+        ["a:1", "a:2", "a:3", "a:4"],
+        ["b:1", "b:2", "b:3", "b:4"],
+        ["a:5"],
+        ["b:5"],
+    ]
+    assert results[1] == ["image of a:1"]

@@ -81,6 +81,34 @@ def test_engine_failure_becomes_an_error_row(generate_stage, monkeypatch):
     assert "out of memory" in out.column("error").to_pylist()[1]
 
 
+def test_a_failing_denoising_batch_keeps_the_batches_made_before_it(generate_stage, monkeypatch):
+    """Rows of two sizes are two denoising batches in one call: the second raising costs the
+    first nothing (it is generated once, not again row by row)."""
+    prepared = PrepareStage(GENERATION)(
+        pa.table(
+            {
+                "id": ["a", "b", "c", "d"],
+                "prompt": ["w", "x", "y", "z"],
+                "steps": [2, 2, 2, 2],
+                "width": [64, 64, 128, 128],
+            }
+        )
+    )
+    calls: list[list[str]] = []
+
+    def fail_on_wide(requests):
+        calls.append([r.id for r in requests])
+        if any(r.width == 128 for r in requests):
+            raise RuntimeError("simulated failure")
+        return original(requests)
+
+    original = generate_stage.engine.generate
+    monkeypatch.setattr(generate_stage.engine, "generate", fail_on_wide)
+    out = generate_stage(prepared)
+    assert out.column("status").to_pylist() == ["ok", "ok", "error", "error"]
+    assert calls == [["a", "b"], ["c", "d"], ["c"], ["d"]]
+
+
 def test_infotext_a1111_form():
     assert infotext(PARAMS) == (
         "a fox\nNegative prompt: blurry\n"
