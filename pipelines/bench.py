@@ -5,8 +5,8 @@ python pipelines/bench.py --rows 256 --set generation.steps=20
 
 import argparse
 
-from sdray.bench import run_bench
 from sdray.config import load_config
+from sdray.tools.bench import run_bench
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)

@@ -10,7 +10,7 @@ what does not fit is listed as skipped).
 
 import argparse
 
-from sdray.bench_levers import run_suite, summary_table
+from sdray.tools.bench_levers import run_suite, summary_table
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(

@@ -2,9 +2,9 @@
 
     nice -n 5 python pipelines/train_tiny.py [--output sdray/models/tiny_model] [--set unet_steps=8000 ...]
 
-About an hour on two CPU cores with the defaults (`sdray.quality.training.TrainSettings`).
+About an hour on two CPU cores with the defaults (`sdray.tools.training.TrainSettings`).
 Logs losses as it goes; writes `training.json` (settings, losses, wall and CPU time, held-out
-quality) beside the weights. Thin: the training itself is `sdray.quality.training.train`.
+quality) beside the weights. Thin: the training itself is `sdray.tools.training.train`.
 """
 
 import argparse
@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from sdray.models.tiny import SHIPPED
-from sdray.quality.training import TrainSettings, add_quality, train
+from sdray.tools.training import TrainSettings, add_quality, train
 
 
 def main(argv: list[str]) -> int:

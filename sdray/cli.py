@@ -141,17 +141,17 @@ def _serve(args) -> int:
 
 
 def _bench(args) -> int:
-    from sdray.bench import run_bench
     from sdray.config import load_config
+    from sdray.tools.bench import run_bench
 
     if args.suite == "gpu":
-        from sdray.bench_levers import run_suite, summary_table
+        from sdray.tools.bench_levers import run_suite, summary_table
 
         results = run_suite(args.out or "bench-gpu", ray=not args.skip_ray, quick=args.quick)
         print(summary_table(results))
         return 0
     if args.suite == "device":
-        from sdray.bench_device import run_suite as run_device_suite
+        from sdray.tools.bench_device import run_suite as run_device_suite
 
         run_device_suite(
             args.shapes.split(","),

@@ -259,7 +259,7 @@ class GenerateStage:
         log.info("model actor ready in %.1fs", time.perf_counter() - started)
 
     def load_engine(self, model, batch_size, torch_threads, storage_options, model_sha256):
-        """The engine this actor runs (a stand-in device overrides it: `sdray.bench_device`).
+        """The engine this actor runs (a stand-in device overrides it: `sdray.tools.bench_device`).
         `model_sha256`: the identity the driver recorded; an actor (re)starting after the model
         changed under the job refuses to load it rather than mix two models in one output."""
         from sdray.engine import DiffusionEngine

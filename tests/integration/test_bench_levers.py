@@ -7,7 +7,7 @@ import json
 
 from PIL import Image
 
-from sdray.bench_levers import Workload, run_suite, summary_table
+from sdray.tools.bench_levers import Workload, run_suite, summary_table
 
 LADDER = [
     "diffusers pipeline, float32",

@@ -13,8 +13,8 @@ import pytest
 from PIL import Image
 
 from sdray.batch import read_metadata, run_generate
-from sdray.bench_device import DeviceShape, stand_in_stage
 from sdray.config import config_from_dict
+from sdray.tools.bench_device import DeviceShape, stand_in_stage
 
 pytestmark = pytest.mark.integration
 
@@ -137,7 +137,7 @@ def test_2048_outputs_through_every_format(ray_cluster, tmp_path, fmt):
 def test_the_device_bench_reports_each_actors_busy_fraction(ray_cluster, capsys):
     """`sdray bench --suite device` in small: two stand-in devices, 24 batches of device work;
     each actor's busy fractions, the job's rate against the devices', the first commit."""
-    from sdray.bench_device import run_device_bench
+    from sdray.tools.bench_device import run_device_bench
 
     figures = run_device_bench(DeviceShape("small", 64, 4, 0.2), device_seconds=4.8, actors=2)
     assert figures["rows"] == 96 and len(figures["per_actor"]) == 2

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from sdray.bench import process_scaling
 from sdray.config import SdrayConfig
+from sdray.tools.bench import process_scaling
 
 
 @pytest.mark.timeout(300)

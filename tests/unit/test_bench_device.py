@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from sdray.bench_device import (
+from sdray.requests import GenerationRequest
+from sdray.tools.bench_device import (
     SHAPES,
     DeviceShape,
     StandInEngine,
@@ -13,7 +14,6 @@ from sdray.bench_device import (
     busy_fractions,
     parse_shape,
 )
-from sdray.requests import GenerationRequest
 
 
 def test_busy_fractions_in_steady_state_and_end_to_end():

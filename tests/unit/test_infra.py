@@ -141,3 +141,24 @@ def test_every_runtime_requirement_is_imported_or_says_why_it_is_there():
         if not (imported or explained):
             unexplained.append(name)
     assert not unexplained, f"pinned, never imported, no reason given: {unexplained}"
+
+
+def test_the_runtime_never_imports_the_tooling():
+    """Benchmarks and training live in sdray.tools; nothing the runtime runs imports them (the
+    CLI reaches in only for `sdray bench`)."""
+    import ast
+
+    offenders = []
+    for path in sorted((ROOT / "sdray").rglob("*.py")):
+        relative = path.relative_to(ROOT).as_posix()
+        if relative.startswith("sdray/tools/") or relative == "sdray/cli.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            offenders += [f"{relative}: {n}" for n in names if n.startswith("sdray.tools")]
+    assert not offenders, offenders
+    assert not list((ROOT / "sdray").glob("bench*.py")), "benchmarks belong in sdray/tools"

@@ -174,8 +174,8 @@ def _free(suite: Suite) -> None:
 
 def run_workload(workload: Workload, suite: Suite, scratch: Path) -> None:
     """The ladder, then the steps and batch sweeps, for one workload."""
-    from sdray.bench import reference_pipeline
     from sdray.levers import compile_engine, set_attention
+    from sdray.tools.bench import reference_pipeline
 
     key = f"{workload.model} {workload.size}x{workload.size}"
     rows: list[dict[str, Any]] = []
@@ -330,8 +330,8 @@ def pipeline_vs_loop(suite: Suite, workload: Workload, scratch: Path) -> None:
         record["skipped"] = "ray off or time budget"
         suite.save()
         return
-    from sdray.bench import run_bench
     from sdray.config import config_from_dict
+    from sdray.tools.bench import run_bench
 
     files = model_directory(workload, suite, scratch)
     config = config_from_dict(

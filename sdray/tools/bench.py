@@ -13,10 +13,10 @@ import threading
 import time
 from dataclasses import dataclass
 
-from sdray.bench_levers import _sync
 from sdray.config import SdrayConfig
 from sdray.families import with_model_defaults
 from sdray.requests import GenerationRequest, derive_seed
+from sdray.tools.bench_levers import _sync
 
 
 @dataclass

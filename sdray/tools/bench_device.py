@@ -224,7 +224,7 @@ def run_device_bench(
     import pyarrow.parquet as pq
 
     from sdray.batch.job import ensure_ray, run_generate
-    from sdray.bench import _accounting, _RayProcesses
+    from sdray.tools.bench import _accounting, _RayProcesses
 
     config = job_config(shape, actors=actors, overrides=overrides)
     output_format, image_format = config.output.format, config.output.image_format
@@ -307,7 +307,7 @@ def run_device_bench(
 
 
 @dataclass
-class _Run:  # what `sdray.bench._accounting` reads of a run
+class _Run:  # what `sdray.tools.bench._accounting` reads of a run
     summary: Any
     processes: Any
 
