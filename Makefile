@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DEMO_OUT ?= demo-output
 
-.PHONY: demo test lint format bench clean venv browser
+.PHONY: demo test test-fast test-integration lint format bench clean venv browser
 
 venv: $(STAMP)
 
@@ -22,6 +22,14 @@ demo: $(STAMP)
 
 test: $(STAMP) browser
 	$(BIN)/python -m pytest -q -ra --durations=15 tests
+
+# The fast tier for everyday work: unit tests, no Ray cluster, no servers.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -ra --durations=10 -m "not integration" tests
+
+# Only the tests that start a Ray cluster or real servers on loopback.
+test-integration: $(STAMP) browser
+	$(BIN)/python -m pytest -q -ra --durations=15 -m integration tests
 
 # Headless Chromium renders the sweep gallery in the tests (Debian's package; root installs it).
 browser:

@@ -12,6 +12,25 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "pipelines"))
 
 
+TESTS = Path(__file__).resolve().parent
+# Fixtures that start a Ray cluster or real servers: integration tests only.
+CLUSTER_FIXTURES = {"ray_cluster", "sdray_env"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """The tiers: every test under tests/integration is marked `integration` (so `-m "not
+    integration"` is the fast tier, `make test-fast`); a test under tests/unit that asks for a
+    Ray cluster is an error, not a slow unit test."""
+    for item in items:
+        path = Path(str(item.fspath)).resolve()
+        if (TESTS / "integration") in path.parents:
+            item.add_marker(pytest.mark.integration)
+        elif CLUSTER_FIXTURES & set(getattr(item, "fixturenames", ())):
+            raise pytest.UsageError(
+                f"{item.nodeid} starts a Ray cluster: it belongs in tests/integration"
+            )
+
+
 @pytest.fixture(scope="session", autouse=True)
 def model_cache(tmp_path_factory) -> Path:
     """Every test builds and reads models in a private cache, never the user's."""
