@@ -371,21 +371,32 @@ def _say(message: str) -> None:
     print(f"sdray: {message}", file=sys.stderr, flush=True)
 
 
-def _configure_progress(progress: bool) -> None:
-    """Ray Data's progress bars on a terminal; elsewhere only sdray's own phase lines (Ray
-    Data's log file keeps everything)."""
+@contextlib.contextmanager
+def job_data_context(progress: bool):
+    """Ray Data's settings for one job — its progress bars on a terminal, elsewhere only
+    sdray's own phase lines (Ray Data's log file keeps everything) — on a copy of the
+    process's DataContext, current only while the job runs: nothing outlives it, so a process
+    that runs jobs among other Ray Data work (a notebook, a service) keeps its own settings."""
     from ray.data import DataContext
 
-    context = DataContext.get_current()
+    context = DataContext.get_current().copy()
     interactive = progress and sys.stderr.isatty()
-    if not interactive:
-        for handler in logging.getLogger("ray.data").handlers:
-            if getattr(handler, "stream", None) in (sys.stderr, sys.stdout):
-                handler.setLevel(logging.ERROR)
     context.enable_progress_bars = interactive
     context.enable_operator_progress_bars = False
     context.print_on_execution_start = False
     context.enable_auto_log_stats = False
+    quieted = []
+    if not interactive:
+        for handler in logging.getLogger("ray.data").handlers:
+            if getattr(handler, "stream", None) in (sys.stderr, sys.stdout):
+                quieted.append((handler, handler.level))
+                handler.setLevel(logging.ERROR)
+    try:
+        with DataContext.current(context):
+            yield context
+    finally:
+        for handler, level in quieted:
+            handler.setLevel(level)
 
 
 def _status_counts(dataset) -> dict[str, int]:
@@ -435,7 +446,7 @@ def run_generate(
         if hold_lease
         else contextlib.nullcontext()
     )
-    with lease as run:
+    with lease as run, job_data_context(progress):
         return _run_generate(
             input_uri,
             output_uri,
@@ -498,7 +509,6 @@ def _run_generate(
     ray_started = time.time()
     ensure_ray()
     marks["ray_start"] = time.time() - ray_started
-    _configure_progress(progress)
     say = _say if progress else (lambda message: None)
     check_paths_on_every_node(
         {"--input": input_uri, "model.source": config.model.source}, output=output_uri

@@ -212,3 +212,18 @@ def test_an_actor_queues_no_more_units_than_it_runs_at_once(overlap, in_flight):
     assert (pool.min_size, pool.max_size) == (2, 3)
     assert pool.max_concurrent_calls_per_actor == in_flight
     assert pool.max_tasks_in_flight_per_actor == in_flight
+
+
+def test_a_jobs_data_context_does_not_outlive_it():
+    """Ray Data's settings for a job are a copy, current only while the job runs."""
+    from ray.data import DataContext
+
+    from sdray.batch.job import job_data_context
+
+    before = DataContext.get_current()
+    settings = (before.enable_progress_bars, before.print_on_execution_start)
+    with job_data_context(progress=False) as context:
+        assert DataContext.get_current() is context and context is not before
+        assert context.enable_progress_bars is False and context.print_on_execution_start is False
+    assert DataContext.get_current() is before
+    assert (before.enable_progress_bars, before.print_on_execution_start) == settings
