@@ -42,7 +42,7 @@ TEXT_ENCODER_2_CONFIG = {
 ADDITION_TIME_EMBED_DIM = 8
 
 UNET_CONFIG = {
-    "sample_size": 12,  # 96x96 by default: not tiny's 128, so the default visibly comes from here
+    "sample_size": 12,  # 96x96 by default: not tiny's 64, so the default visibly comes from here
     "in_channels": 4,
     "out_channels": 4,
     "layers_per_block": 1,

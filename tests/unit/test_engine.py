@@ -42,14 +42,18 @@ def test_different_seeds_differ(tiny_engine):
 
 @pytest.mark.parametrize("scheduler", ["ddim", "euler_ancestral"])
 def test_batch_invariance(tiny_engine, scheduler):
-    """A row's image does not depend on which rows share its batch, nor on the batch size."""
+    """What the README promises: a row's image is bit-identical in the same batch, and within
+    one level of 255 per channel whichever rows share its batch, in whatever order (float32
+    products sum in a batch-size-dependent order; the noise is the row's own)."""
     rows = [request(i, scheduler=scheduler) for i in range(4)]
     alone = [tiny_engine.generate([r])[0].image for r in rows]
     together = [r.image for r in tiny_engine.generate(rows)]
+    again = [r.image for r in tiny_engine.generate(rows)]
     reordered = [r.image for r in tiny_engine.generate(rows[::-1])][::-1]
-    for single, batched, shuffled in zip(alone, together, reordered, strict=True):
-        assert psnr(single, batched) >= 40
-        assert psnr(single, shuffled) >= 40
+    for single, batched, repeated, shuffled in zip(alone, together, again, reordered, strict=True):
+        np.testing.assert_array_equal(batched, repeated)
+        assert np.abs(single.astype(np.int16) - batched).max() <= 1
+        assert np.abs(single.astype(np.int16) - shuffled).max() <= 1
 
 
 def test_mixed_requests_are_split_and_keep_their_parameters(tiny_engine):
