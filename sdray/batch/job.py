@@ -7,7 +7,6 @@ import hashlib
 import json
 import logging
 import platform
-import re
 import sys
 import time
 import uuid
@@ -260,59 +259,33 @@ def _read_metadata(output_uri: str, columns: list[str], storage: dict[str, Any])
     )
 
 
-# A line of a (remote) traceback that names an exception: `package.module.Type: message`.
-_EXCEPTION_LINE = re.compile(r"^(?P<type>[A-Za-z_][\w.]*): (?P<message>.+)$", re.MULTILINE)
-
-
-def _remote_cause(text: str) -> BaseException | None:
-    """The original exception of a task, rebuilt from the traceback text Ray carries.
-
-    Ray Data re-raises a UDF's exception as UserCodeException and the original object does
-    not cross the process boundary; its traceback text does, root cause first. sdray's own
-    errors come back as themselves; anything else as a one-line SdrayError.
-    """
-    import importlib
-
-    match = _EXCEPTION_LINE.search(text)
-    if match is None:
-        return None
-    name, message = match["type"], match["message"].strip()
-    if name.startswith("sdray."):
-        module, _, cls = name.rpartition(".")
-        try:
-            kind = getattr(importlib.import_module(module), cls)
-        except (ImportError, AttributeError):
-            kind = None
-        if isinstance(kind, type) and issubclass(kind, SdrayError):
-            return kind(message)
-    return SdrayError(f"the job failed: {name.rpartition('.')[2]}: {message}")
-
-
 def _unwrap(error: BaseException) -> BaseException:
-    """The error to show for a failed job: sdray's own error from inside Ray's wrappers, or a
-    one-line SdrayError naming the original cause (Ray's text is a remote traceback)."""
+    """The error to show for a failed job, by the exception types Ray gives (never by the
+    text of its tracebacks): a task's own exception crosses the process boundary as itself
+    (`raise_original_map_exception`, see `job_data_context`; Ray wraps it in a class that is
+    both a RayTaskError and its type, `.cause` the original), so sdray's errors come back as
+    themselves and any other as one line naming it."""
     from ray.exceptions import ActorDiedError, RayError
 
+    if not isinstance(error, RayError):
+        return error  # raised here, in the driver
     seen = set()
     current: BaseException | None = error
     while current is not None and id(current) not in seen:
         seen.add(id(current))
-        # Ray re-raises a task's exception as a subclass of both RayTaskError and its type.
-        if isinstance(current, SdrayError) and not isinstance(current, RayError):
-            return current
         if isinstance(current, ActorDiedError):
-            if "error raised in its creation task" in str(current):  # the model actor's __init__
-                return _remote_cause(str(current)) or SdrayError(f"the job failed: {current}")
             return SdrayError(
                 "a model actor died for good (killed, or it could not be restarted): "
                 f"{str(current).splitlines()[0]} The Ray logs say why. Committed shards are "
                 "kept; continue with --resume."
             )
+        if not isinstance(current, RayError):  # the task's own exception
+            if isinstance(current, SdrayError):
+                return current
+            return SdrayError(f"the job failed: {type(current).__name__}: {current}")
         cause = getattr(current, "cause", None)
         current = cause if isinstance(cause, BaseException) else current.__cause__
-    if isinstance(error, RayError):
-        return _remote_cause(str(error)) or SdrayError(f"the job failed: {error}")
-    return error
+    return SdrayError(f"the job failed: {str(error).splitlines()[0]}")
 
 
 def actor_pool(config: SdrayConfig):
@@ -374,7 +347,8 @@ def _say(message: str) -> None:
 @contextlib.contextmanager
 def job_data_context(progress: bool):
     """Ray Data's settings for one job — its progress bars on a terminal, elsewhere only
-    sdray's own phase lines (Ray Data's log file keeps everything) — on a copy of the
+    sdray's own phase lines (Ray Data's log file keeps everything), a stage's exception back
+    as itself — on a copy of the
     process's DataContext, current only while the job runs: nothing outlives it, so a process
     that runs jobs among other Ray Data work (a notebook, a service) keeps its own settings."""
     from ray.data import DataContext
@@ -385,12 +359,17 @@ def job_data_context(progress: bool):
     context.enable_operator_progress_bars = False
     context.print_on_execution_start = False
     context.enable_auto_log_stats = False
+    # A stage's exception comes back as itself, not as Ray Data's UserCodeException with the
+    # original only in its traceback text (see `_unwrap`).
+    context.raise_original_map_exception = True
+    # On the console, Ray Data says nothing below CRITICAL: its log file keeps everything, and
+    # a failed job's cause is sdray's one line (a stage's exception, now the original, would
+    # otherwise print its whole traceback there).
     quieted = []
-    if not interactive:
-        for handler in logging.getLogger("ray.data").handlers:
-            if getattr(handler, "stream", None) in (sys.stderr, sys.stdout):
-                quieted.append((handler, handler.level))
-                handler.setLevel(logging.ERROR)
+    for handler in logging.getLogger("ray.data").handlers:
+        if getattr(handler, "stream", None) in (sys.stderr, sys.stdout):
+            quieted.append((handler, handler.level))
+            handler.setLevel(logging.CRITICAL)
     try:
         with DataContext.current(context):
             yield context

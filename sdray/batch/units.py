@@ -294,11 +294,20 @@ class UnitStage:
         rows_per_call: int | None = None,
         stage_kwargs: dict[str, Any] | None = None,
     ) -> None:
-        self.stage = stage(**(stage_kwargs or {}))
+        # An error building the stage (a model that cannot load, changed since the job began)
+        # is raised by the actor's first call, where it reaches the driver as its own type: an
+        # actor whose constructor raises dies, and Ray keeps only the text of why.
+        self.stage, self.init_error = None, None
+        try:
+            self.stage = stage(**(stage_kwargs or {}))
+        except Exception as error:  # noqa: BLE001 - raised again, whole, by __call__
+            self.init_error = error
         self.rows_per_call = rows_per_call
         self.ready_at = time.time()
 
     def __call__(self, units: pa.Table) -> pa.Table:
+        if self.init_error is not None:
+            raise self.init_error
         packed = []
         for call in call_rows(units):
             if call["table"] is None:

@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 from fsspec.implementations.local import LocalFileSystem
 
@@ -82,38 +83,24 @@ def test_nothing_to_remove_in_an_empty_output(tmp_path):
     assert remove_uncommitted(LocalFileSystem(), str(tmp_path), 0, images="files") == 0
 
 
-REMOTE_TRACEBACK = """ray::MapWorker(MapBatches(GenerateStage)).submit() (pid=1, ip=127.0.0.1)
-  File "/usr/lib/python3.11/concurrent/futures/thread.py", line 58, in run
-    result = self.fn(*self.args, **self.kwargs)
-{root}
+def remote_failure(cause: BaseException):
+    """What Ray raises in the driver for a task's exception: a class that is both a
+    RayTaskError and the exception's type, built by Ray itself."""
+    from ray.exceptions import RayTaskError
 
-The above exception was the direct cause of the following exception:
-
-ray::MapWorker(MapBatches(GenerateStage)).submit() (pid=1, ip=127.0.0.1)
-ray.exceptions.UserCodeException: UDF failed to process a data block.
-Failed to apply UDF transform after 1/1 attempts (total backoff 0.0s)."""
+    return RayTaskError(
+        "submit", "Traceback (most recent call last): ...", cause
+    ).as_instanceof_cause()
 
 
-def remote_failure(root: str):
-    """What Ray Data raises for a UDF error: only the traceback text names the original."""
-    from ray.exceptions import RayTaskError, UserCodeException
-
-    text = REMOTE_TRACEBACK.format(root=root)
-    return RayTaskError("submit", text, UserCodeException("UDF failed")).as_instanceof_cause()
-
-
-def test_sdray_errors_come_back_from_remote_tracebacks():
-    failure = _unwrap(
-        remote_failure(
-            "sdray.batch.stages.ErrorBudgetExceeded: 40 of 40 rows failed in one model actor"
-        )
-    )
-    assert type(failure) is ErrorBudgetExceeded
-    assert str(failure) == "40 of 40 rows failed in one model actor"
+def test_sdray_errors_come_back_as_themselves():
+    raised = ErrorBudgetExceeded("40 of 40 rows failed in one model actor")
+    failure = _unwrap(remote_failure(raised))
+    assert failure is raised
 
 
 def test_other_remote_errors_become_one_line():
-    failure = _unwrap(remote_failure("OSError: [Errno 28] No space left on device"))
+    failure = _unwrap(remote_failure(OSError(28, "No space left on device")))
     assert type(failure) is SdrayError
     assert str(failure) == "the job failed: OSError: [Errno 28] No space left on device"
 
@@ -129,17 +116,19 @@ def test_actor_deaths_and_local_errors():
     assert _unwrap(budget) is budget
 
 
-def test_a_model_actor_whose_init_raised_reports_why():
-    from ray.exceptions import ActorDiedError, RayTaskError
+def test_a_model_actor_whose_stage_cannot_be_built_raises_why_at_its_first_call():
+    """An actor whose constructor raised would die with only the text of why; the stage's
+    error is raised by the first call instead, whole, and comes back as itself."""
+    from sdray.batch.units import UnitStage
 
-    text = REMOTE_TRACEBACK.format(
-        root="sdray.errors.ModelError: model '/m' changed while the job was running"
-    )
-    died = ActorDiedError(RayTaskError("MapWorker.__init__", text, RuntimeError("init")))
-    assert "error raised in its creation task" in str(died)  # as Ray words it
-    failure = _unwrap(died)
-    assert type(failure) is ModelError
-    assert str(failure) == "model '/m' changed while the job was running"
+    class Unloadable:
+        def __init__(self):
+            raise ModelError("model '/m' changed while the job was running")
+
+    stage = UnitStage(Unloadable)
+    with pytest.raises(ModelError, match="changed while the job was running") as raised:
+        stage(pa.table({"unit": ["u"]}))
+    assert _unwrap(remote_failure(raised.value)) is raised.value
 
 
 def test_the_fingerprint_records_the_precision_actors_load():
