@@ -22,13 +22,12 @@ the run fails saying so, rather than wait forever. Committed shards are kept eit
 `--resume` goes on with the nodes there are.
 
 The watch reads the GCS's actor and node tables (no dashboard needed) every `every` seconds in
-a daemon thread; to stop the run it interrupts the driver's main thread, which is waiting on
-Ray Data's output queue, and `failure` says why.
+a daemon thread; to stop the run it raises `WatchAbort` in the thread running the pipeline
+(waiting on Ray Data's output queue), and `failure` says why.
 """
 
 from __future__ import annotations
 
-import _thread
 import logging
 import threading
 import time
@@ -42,6 +41,22 @@ log = logging.getLogger(__name__)
 # Ray Data names a model actor after the map_batches callable: MapWorker(MapBatches(UnitStage)).
 MODEL_ACTOR_MARK = "UnitStage"
 ALIVE, RESTARTING = "ALIVE", "RESTARTING"
+
+
+class WatchAbort(BaseException):
+    """Raised by the watch in the thread running the pipeline, to stop it; `failure` says
+    why. A BaseException, so nothing on Ray Data's side catches it on the way out."""
+
+
+def _raise_in(thread_id: int, exception: type[BaseException]) -> None:
+    """Raise `exception` in another thread of this process at its next Python instruction
+    (CPython's PyThreadState_SetAsyncExc). Not a signal: a driver started with SIGINT ignored
+    (as a `ray job submit` entrypoint can be) would never see `_thread.interrupt_main`."""
+    import ctypes
+
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(
+        ctypes.c_ulong(thread_id), ctypes.py_object(exception)
+    )
 
 
 @dataclass
@@ -71,6 +86,7 @@ class ActorWatch:
     _looked_at: float = float("-inf")
     _stop: threading.Event = field(default_factory=threading.Event)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _runner: int = 0
     _thread: threading.Thread | None = None
 
     # -- what the GCS says (replaced in unit tests) --------------------------------------------
@@ -182,10 +198,11 @@ class ActorWatch:
                 log.error("%s", self.failure)
                 with self._lock:  # never once the pipeline is over (see __exit__)
                     if not self._stop.is_set():
-                        _thread.interrupt_main()  # the driver waits on Ray Data there
+                        _raise_in(self._runner, WatchAbort)
                 return
 
     def __enter__(self) -> ActorWatch:
+        self._runner = threading.get_ident()  # the thread that runs the pipeline
         self._thread = threading.Thread(target=self._run, name="sdray-actor-watch", daemon=True)
         self._thread.start()
         return self

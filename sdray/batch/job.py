@@ -16,7 +16,7 @@ from datetime import datetime, timezone
 from importlib import metadata as importlib_metadata
 from typing import Any
 
-from sdray.batch.actors import ActorWatch
+from sdray.batch.actors import ActorWatch, WatchAbort
 from sdray.batch.cluster import (
     check_paths_on_every_node,
     local_ray_settings,
@@ -561,9 +561,7 @@ def _run_generate(
             _pipeline(
                 plan, config, model, generate_stage, registry, output_uri, input_uri
             ).write_datasink(sink, ray_remote_args={"num_cpus": 0.25})
-    except KeyboardInterrupt:
-        if watch.failure is None:
-            raise
+    except WatchAbort:
         raise watch.failure from None
     except Exception as error:
         failure = _unwrap(error)

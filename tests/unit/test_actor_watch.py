@@ -93,11 +93,15 @@ def test_an_actor_with_no_room_waits_while_others_commit_then_fails():
 
 
 def test_the_watch_stops_a_waiting_driver_and_says_why():
-    """The thread interrupts the main thread (as it waits on Ray Data's output queue), and the
-    failure it found is there for the run to raise."""
+    """The watch raises WatchAbort in the thread running the pipeline (as it waits on Ray
+    Data's output queue) — with SIGINT ignored too, as a job's driver may be started — and
+    the failure it found is there for the run to raise."""
+    import signal
     import time
 
     import pytest
+
+    from sdray.batch.actors import WatchAbort
 
     class Crashing(ActorWatch):
         restarts = 0
@@ -111,8 +115,12 @@ def test_the_watch_stops_a_waiting_driver_and_says_why():
 
     watch = Crashing(max_crashes=2, wait_s=60, every=0.01)
     deadline = time.monotonic() + 10
-    with pytest.raises(KeyboardInterrupt):
-        with watch:
-            while time.monotonic() < deadline:
-                time.sleep(0.01)
+    ignored = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with pytest.raises(WatchAbort):
+            with watch:
+                while time.monotonic() < deadline:
+                    time.sleep(0.01)
+    finally:
+        signal.signal(signal.SIGINT, ignored)
     assert "batch.max_actor_restarts=2" in str(watch.failure)
